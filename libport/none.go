@@ -1,0 +1,17 @@
+package libport
+
+import (
+	"context"
+	"errors"
+)
+
+// NoneDriver publishes nothing: every Add is refused (RootlessKit's --port-driver=none).
+type NoneDriver struct{}
+
+// ErrNoPortDriver is what NoneDriver answers to an Add.
+var ErrNoPortDriver = errors.New("no port driver is available")
+
+func (NoneDriver) Info() DriverInfo                       { return DriverInfo{Driver: "none", Protos: []string{}} }
+func (NoneDriver) Add(context.Context, int, Spec) error   { return ErrNoPortDriver }
+func (NoneDriver) Remove(_ context.Context, id int) error { return ErrNoPortDriver }
+func (NoneDriver) Close() error                           { return nil }
