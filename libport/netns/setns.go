@@ -1,0 +1,166 @@
+package netns
+
+// This file runs on the parent side only, but one goroutine of it runs on an
+// OS thread that lives inside the child netns (see serve).
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// setnsSource makes sockets on one OS thread that joined the child netns
+// once and never leaves it: a socket costs a hand-off to that thread, not a
+// setns pair, and the rest of the process never runs inside the child.
+type setnsSource struct {
+	path string
+	reqs chan setnsRequest
+
+	mu     sync.Mutex // guards closed against sends on reqs
+	closed bool
+	done   chan struct{} // closed when the thread has exited
+}
+
+// setnsRequest is one job for the thread inside the child netns.
+type setnsRequest struct {
+	do    func() (int, error)
+	reply chan setnsReply
+}
+
+type setnsReply struct {
+	fd  int
+	err error
+}
+
+// NewSetnsSource joins the network namespace at path on a dedicated, locked
+// OS thread. It needs CAP_SYS_ADMIN over the namespace (root, or a process
+// already inside the owning user namespace); otherwise it fails with an error
+// that wraps unix.EPERM, and NewHelperSource is the way in.
+func NewSetnsSource(path string) (SocketSource, error) {
+	s := &setnsSource{path: path, reqs: make(chan setnsRequest), done: make(chan struct{})}
+	started := make(chan error, 1)
+	go s.serve(started)
+	if err := <-started; err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// serve is the thread inside the child netns. It never unlocks the thread:
+// when it returns, the Go runtime ends the thread instead of reusing it in
+// the wrong namespace.
+func (s *setnsSource) serve(started chan<- error) {
+	defer close(s.done)
+	runtime.LockOSThread()
+	target, err := os.Open(s.path)
+	if err != nil {
+		runtime.UnlockOSThread() // nothing changed yet: the thread is clean
+		started <- fmt.Errorf("netns: open %s: %w (want a netns path such as /proc/PID/ns/net)", s.path, err)
+		return
+	}
+	err = unix.Setns(int(target.Fd()), unix.CLONE_NEWNET)
+	target.Close()
+	if err != nil {
+		runtime.UnlockOSThread() // setns failed, so the thread is still ours
+		started <- fmt.Errorf("netns: setns %s: %w (needs CAP_SYS_ADMIN over the namespace; a rootless forwarder uses the helper)", s.path, err)
+		return
+	}
+	started <- nil
+	for r := range s.reqs {
+		fd, err := r.do()
+		r.reply <- setnsReply{fd, err}
+	}
+}
+
+// call runs do on the thread inside the child netns.
+func (s *setnsSource) call(do func() (int, error)) (int, error) {
+	reply := make(chan setnsReply, 1)
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return -1, fmt.Errorf("netns: source for %s: %w", s.path, os.ErrClosed)
+	}
+	// The send completes while we hold mu, so Close cannot close reqs under us;
+	// the thread never blocks on anything but reqs, so this is a quick hand-off.
+	s.reqs <- setnsRequest{do: do, reply: reply}
+	s.mu.Unlock()
+	r := <-reply
+	return r.fd, r.err
+}
+
+func (s *setnsSource) Socket(domain, typ, proto int) (int, error) {
+	return s.call(func() (int, error) {
+		fd, err := unix.Socket(domain, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, proto)
+		if err != nil {
+			return -1, fmt.Errorf("netns: socket(%d, %d, %d) in %s: %w", domain, typ, proto, s.path, err)
+		}
+		return fd, nil
+	})
+}
+
+func (s *setnsSource) Sysctl(key, value string) error {
+	p, err := sysctlPath(key)
+	if err != nil {
+		return err
+	}
+	// The open must happen on the thread inside the child: /proc/sys/net
+	// shows the netns of the thread that looks the file up.
+	_, err = s.call(func() (int, error) { return -1, writeSysctl(p, value) })
+	if err != nil {
+		return fmt.Errorf("netns: sysctl %s=%s in %s: %w", key, value, s.path, err)
+	}
+	return nil
+}
+
+func (s *setnsSource) Close() error {
+	s.mu.Lock()
+	if !s.closed {
+		s.closed = true
+		close(s.reqs)
+	}
+	s.mu.Unlock()
+	<-s.done
+	return nil
+}
+
+// sysctlPath checks a key such as "net/ipv4/tcp_fwmark_accept" and returns
+// its file under /proc/sys. Dotted keys are refused because interface names
+// may hold dots, which makes the conversion ambiguous.
+func sysctlPath(key string) (string, error) {
+	if key == "" || key[0] == '/' || key[len(key)-1] == '/' {
+		return "", fmt.Errorf("netns: sysctl key %q: want a relative path under /proc/sys such as net/ipv4/tcp_fwmark_accept", key)
+	}
+	for _, part := range strings.Split(key, "/") {
+		if part == "" || part == "." || part == ".." {
+			return "", fmt.Errorf("netns: sysctl key %q: empty, . or .. path element", key)
+		}
+	}
+	for i := 0; i < len(key); i++ {
+		if key[i] == 0 {
+			return "", fmt.Errorf("netns: sysctl key %q: NUL byte", key)
+		}
+	}
+	return "/proc/sys/" + key, nil
+}
+
+// writeSysctl writes value to the sysctl file p from the calling thread.
+func writeSysctl(p, value string) error {
+	fd, err := unix.Open(p, unix.O_WRONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: p, Err: err}
+	}
+	defer unix.Close(fd)
+	n, err := unix.Write(fd, []byte(value))
+	if err != nil {
+		return &os.PathError{Op: "write", Path: p, Err: err}
+	}
+	if n != len(value) {
+		return &os.PathError{Op: "write", Path: p, Err: errors.New("short write")}
+	}
+	return nil
+}
