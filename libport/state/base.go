@@ -1,0 +1,65 @@
+package state
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// BaseDir returns (creating it 0700 if needed) the directory under which
+// portkit keeps one state directory per attachment: /run/portkit for root,
+// $XDG_RUNTIME_DIR/portkit otherwise. Without XDG_RUNTIME_DIR (no logind)
+// it uses /run/user/UID/portkit when /run/user/UID is ours or can be made,
+// else /tmp/portkit-UID, a private directory refused if anyone else owns it.
+func BaseDir() (string, error) {
+	uid := os.Geteuid()
+	if uid == 0 {
+		return privateDir("/run/portkit")
+	}
+	if xdg := os.Getenv("XDG_RUNTIME_DIR"); xdg != "" {
+		return privateDir(filepath.Join(xdg, "portkit"))
+	}
+	runUser := filepath.Join("/run/user", strconv.Itoa(uid))
+	if err := os.Mkdir(runUser, 0o700); err == nil || errors.Is(err, os.ErrExist) {
+		if checkPath(runUser) == nil {
+			return privateDir(filepath.Join(runUser, "portkit"))
+		}
+	}
+	return privateDir(filepath.Join(os.TempDir(), "portkit-"+strconv.Itoa(uid)))
+}
+
+// privateDir makes path 0700 if missing (its parent must exist) and checks
+// that it is a real directory, ours, and private.
+func privateDir(path string) (string, error) {
+	if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("create state base dir %s: %w", path, err)
+	}
+	if err := checkPath(path); err != nil {
+		return "", err
+	}
+	return path, nil
+}
+
+// checkPath opens path without following a final symlink and applies the
+// state directory checks.
+func checkPath(path string) error {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+			return fmt.Errorf("state base dir %s is a symlink or not a directory: refusing it", path)
+		}
+		if st, lerr := os.Lstat(path); lerr == nil {
+			if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Geteuid() {
+				return fmt.Errorf("state base dir %s is owned by uid %d, not by us (uid %d): refusing it; remove it or set XDG_RUNTIME_DIR", path, sys.Uid, os.Geteuid())
+			}
+		}
+		return fmt.Errorf("open state base dir %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	return checkPrivateDir(fd, path)
+}
