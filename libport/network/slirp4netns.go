@@ -1,0 +1,181 @@
+package network
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Slirp4netnsFeatures is what the installed slirp4netns supports, read from
+// its --help (older builds lack the newer flags).
+type Slirp4netnsFeatures struct {
+	Sandbox, Seccomp, NetnsTypePath, UsernsPath, OutboundAddr, MACAddress bool
+}
+
+var slirpFeatures struct {
+	sync.Once
+	f   Slirp4netnsFeatures
+	err error
+}
+
+// DetectSlirp4netns reads the features of the slirp4netns on PATH, once.
+func DetectSlirp4netns() (Slirp4netnsFeatures, error) {
+	slirpFeatures.Do(func() {
+		out, err := exec.Command("slirp4netns", "--help").CombinedOutput()
+		if err != nil {
+			slirpFeatures.err = fmt.Errorf("slirp4netns --help: %w: %s", err, strings.TrimSpace(string(out)))
+			return
+		}
+		h := string(out)
+		slirpFeatures.f = Slirp4netnsFeatures{
+			Sandbox:       strings.Contains(h, "--enable-sandbox"),
+			Seccomp:       strings.Contains(h, "--enable-seccomp"),
+			NetnsTypePath: strings.Contains(h, "--netns-type"),
+			UsernsPath:    strings.Contains(h, "--userns-path"),
+			OutboundAddr:  strings.Contains(h, "--outbound-addr"),
+			MACAddress:    strings.Contains(h, "--macaddress"),
+		}
+	})
+	return slirpFeatures.f, slirpFeatures.err
+}
+
+// slirp4netns lays out IPv6 as fd00::/64 with these offsets (not configurable).
+var (
+	slirpIP6      = net.ParseIP("fd00::100")
+	slirpGateway6 = net.ParseIP("fd00::2")
+	slirpDNS6     = net.ParseIP("fd00::3")
+)
+
+func startSlirp4netns(ctx context.Context, cfg *Config) (*Network, error) {
+	feat, err := DetectSlirp4netns()
+	if err != nil {
+		return nil, err
+	}
+	if !feat.NetnsTypePath || !feat.UsernsPath {
+		return nil, errors.New("this slirp4netns lacks --netns-type=path and --userns-path: install slirp4netns 1.1 or newer")
+	}
+	if cfg.Sandbox && !feat.Sandbox {
+		return nil, errors.New("this slirp4netns has no --enable-sandbox: turn the sandbox off or upgrade slirp4netns")
+	}
+	if cfg.Seccomp && !feat.Seccomp {
+		return nil, errors.New("this slirp4netns has no --enable-seccomp: turn seccomp off or upgrade slirp4netns")
+	}
+	n := &Network{pidfd: -1}
+	if err := n.addressing(cfg); err != nil {
+		return nil, err
+	}
+	if cfg.IPv6 {
+		n.IP6 = net.IPNet{IP: slirpIP6, Mask: net.CIDRMask(64, 128)}
+		n.Gateway6, n.DNS6 = slirpGateway6, slirpDNS6
+	}
+
+	userns, err := usernsArg(cfg.NetnsPath)
+	if err != nil {
+		return nil, err
+	}
+	if userns != nil {
+		defer userns.Close()
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	defer readyR.Close()
+	exitR, exitW, err := os.Pipe()
+	if err != nil {
+		readyW.Close()
+		return nil, err
+	}
+
+	// ExtraFiles[i] is fd 3+i in slirp4netns.
+	extra := []*os.File{readyW, exitR}
+	args := []string{
+		"--configure",
+		"--mtu=" + strconv.Itoa(cfg.MTU),
+		"--cidr=" + cfg.CIDR,
+		"--ready-fd=3",
+		"--exit-fd=4",
+		"--netns-type=path",
+	}
+	if userns != nil {
+		extra = append(extra, userns)
+		args = append(args, "--userns-path=/proc/self/fd/5")
+	}
+	if feat.MACAddress {
+		if n.MAC, err = randomMAC(); err != nil {
+			readyW.Close()
+			exitR.Close()
+			exitW.Close()
+			return nil, err
+		}
+		args = append(args, "--macaddress="+n.MAC)
+	}
+	if cfg.IPv6 {
+		args = append(args, "--enable-ipv6")
+	}
+	if cfg.DisableHostLoopback {
+		args = append(args, "--disable-host-loopback")
+	}
+	if cfg.Sandbox {
+		args = append(args, "--enable-sandbox")
+	}
+	if cfg.Seccomp {
+		args = append(args, "--enable-seccomp")
+	}
+	if cfg.OutboundAddr != "" {
+		if net.ParseIP(cfg.OutboundAddr).To4() != nil {
+			args = append(args, "--outbound-addr="+cfg.OutboundAddr)
+		} else {
+			args = append(args, "--outbound-addr6="+cfg.OutboundAddr)
+		}
+	}
+	if cfg.APISocket != "" {
+		args = append(args, "--api-socket="+cfg.APISocket)
+	}
+	args = append(args, cfg.NetnsPath, cfg.IfName)
+
+	cmd := exec.Command("slirp4netns", args...)
+	cmd.ExtraFiles = extra
+	err = n.launch(cmd)
+	// Our copies of the child's ends: EOF on readyR must mean slirp4netns is gone.
+	readyW.Close()
+	exitR.Close()
+	if err != nil {
+		exitW.Close()
+		return nil, err
+	}
+	n.exitW = exitW
+
+	ready := make(chan error, 1)
+	go func() {
+		b := make([]byte, 1)
+		_, err := readyR.Read(b)
+		switch {
+		case err != nil:
+			ready <- errors.New("slirp4netns exited before it was ready")
+		case b[0] != '1':
+			ready <- fmt.Errorf("slirp4netns wrote %q on its ready fd, want \"1\"", b[0])
+		default:
+			ready <- nil
+		}
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			<-n.done // let its stderr arrive
+			return nil, n.failed(fmt.Errorf("%w: %v", err, n.waitErr))
+		}
+	case <-ctx.Done():
+		return nil, n.failed(fmt.Errorf("slirp4netns not ready: %w", ctx.Err()))
+	}
+	if n.MAC == "" {
+		n.MAC = "unknown"
+	}
+	return n, nil
+}
