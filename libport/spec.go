@@ -13,13 +13,15 @@ import (
 	"strings"
 )
 
-// Spec is one published port. Its JSON form is RootlessKit's port.Spec.
+// Spec is one published port. Its JSON form is RootlessKit's port.Spec,
+// fields in RootlessKit's order (childPort before childIP), so our JSON is
+// byte-identical to what RootlessKit and rootlessctl --json print.
 type Spec struct {
 	Proto      string `json:"proto,omitempty"`      // tcp tcp4 tcp6 udp udp4 udp6
 	ParentIP   string `json:"parentIP,omitempty"`   // empty means 0.0.0.0 (dual-stack for tcp/udp)
 	ParentPort int    `json:"parentPort,omitempty"` // 1-65535
-	ChildIP    string `json:"childIP,omitempty"`    // empty means the driver's default
 	ChildPort  int    `json:"childPort,omitempty"`  // 1-65535
+	ChildIP    string `json:"childIP,omitempty"`    // empty means the driver's default
 }
 
 // Protos lists every protocol a Spec may name.
@@ -184,12 +186,13 @@ func parsePortRange(what, f string) (lo, hi int, err error) {
 }
 
 func parsePort(what, f string) (int, error) {
-	n, err := strconv.Atoi(f)
-	if err != nil || f == "" || f[0] == '+' || f[0] == '-' {
+	if f == "" || strings.Trim(f, "0123456789") != "" {
 		return 0, fmt.Errorf("%s %q is not a number", what, f)
 	}
-	if n < 1 || n > 65535 {
-		return 0, fmt.Errorf("%s %d is out of range 1-65535", what, n)
+	n, err := strconv.Atoi(f)
+	if err != nil || n < 1 || n > 65535 {
+		// Atoi fails here only on overflow: still a number, just too big.
+		return 0, fmt.Errorf("%s %s is out of range 1-65535", what, f)
 	}
 	return n, nil
 }
