@@ -1,0 +1,63 @@
+package forwarder
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/portkit/portkit/libport"
+	"github.com/portkit/portkit/libport/netns"
+	"github.com/portkit/portkit/libport/slirp4netns"
+)
+
+// BuiltinOptions tunes the builtin driver. It is the serializable part of
+// builtin.Options (config.json must round-trip through JSON).
+type BuiltinOptions struct {
+	SourceIPUDP    bool          `json:"sourceIPUDP,omitempty"`    // keep the client's source IP for UDP too (opt-in)
+	NoSourceIP     bool          `json:"noSourceIP,omitempty"`     // do not keep the client's source IP for TCP
+	UDPIdleTimeout time.Duration `json:"udpIdleTimeout,omitempty"` // default: the driver's
+	UDPMaxFlows    int           `json:"udpMaxFlows,omitempty"`    // default: the driver's
+}
+
+// startDriver builds the port driver cfg.PortDriver names.
+func (f *forwarder) startDriver() error {
+	d, err := f.newDriver()
+	if err != nil {
+		return fmt.Errorf("forwarder: port driver %s: %w", f.cfg.PortDriver, err)
+	}
+	f.driver = d
+	return nil
+}
+
+func (f *forwarder) newDriver() (libport.Driver, error) {
+	switch f.cfg.PortDriver {
+	case "none":
+		return libport.NoneDriver{}, nil
+	case "slirp4netns":
+		socket := f.cfg.SlirpAPISocket
+		if socket == "" {
+			if f.net == nil || f.net.Backend != "slirp4netns" {
+				return nil, fmt.Errorf("no slirp4netns to drive: start the slirp4netns network here (--net slirp4netns) or name the API socket of a running one")
+			}
+			socket = f.dir.Join(slirpSocketName)
+		}
+		childIP := ""
+		if ip := f.childIP(); ip != nil {
+			childIP = ip.String()
+		}
+		return slirp4netns.New(socket, childIP)
+	case "builtin", "implicit", "socat":
+		return nil, fmt.Errorf("not available in this build yet")
+	}
+	return nil, fmt.Errorf("unknown port driver %q", f.cfg.PortDriver)
+}
+
+// openSource opens the child netns socket source, logging to the forwarder's log.
+func (f *forwarder) openSource() (netns.SocketSource, error) {
+	path := f.cfg.netnsPath()
+	src, err := netns.Open(path, netns.WithLogf(f.opts.logf))
+	if err != nil {
+		return nil, fmt.Errorf("open child netns %s: %w", path, err)
+	}
+	f.source = src
+	return src, nil
+}
