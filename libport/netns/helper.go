@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -237,7 +238,7 @@ func (s *helperSource) start() (*helperProc, error) {
 		if err == nil {
 			err = errno
 		}
-		return nil, fmt.Errorf("netns: helper for %s (nsenter --user --net --preserve-credentials, pid %d): %w: %s (the caller must own the user namespace that owns the netns)",
+		return nil, fmt.Errorf("netns: helper for %s (nsenter --user --net --preserve-credentials, pid %d) did not start: %w: %s (the caller must own the user namespace that owns the netns)",
 			s.path, h.pid, err, h.deathReason())
 	}
 	return h, nil
@@ -281,9 +282,9 @@ type helperProc struct {
 	stderr *tailBuffer
 	nextID atomic.Uint32
 
-	mu       sync.Mutex
-	pending  map[uint32]chan helperReply
-	deadErr  error
+	mu      sync.Mutex
+	pending map[uint32]chan helperReply
+	deadErr error
 
 	dead   chan struct{} // closed when the control socket failed
 	exited chan struct{} // closed when the process was reaped
@@ -441,10 +442,12 @@ func (h *helperProc) deathReason() string {
 	h.mu.Unlock()
 	select {
 	case <-h.exited:
-		reason += "; " + h.cmd.ProcessState.String()
+		if state := h.cmd.ProcessState.String(); !strings.Contains(reason, state) {
+			reason += "; " + state
+		}
 	case <-time.After(100 * time.Millisecond):
 	}
-	if out := h.stderr.String(); out != "" {
+	if out := strings.TrimSpace(h.stderr.String()); out != "" {
 		reason += "; stderr: " + out
 	}
 	return reason
@@ -457,7 +460,7 @@ func (h *helperProc) kill() { _ = h.cmd.Process.Kill() }
 func (h *helperProc) wait() {
 	_ = h.cmd.Wait()
 	close(h.exited)
-	h.fail(fmt.Errorf("helper exited: %v", h.cmd.ProcessState))
+	h.fail(fmt.Errorf("exited: %v", h.cmd.ProcessState))
 }
 
 // stop ends the helper and waits until it is reaped.

@@ -45,7 +45,7 @@ func Open(path string, opts ...Option) (SocketSource, error) {
 	}
 	h, herr := NewHelperSource(path, opts...)
 	if herr != nil {
-		return nil, fmt.Errorf("netns: %s: setns not permitted and the helper failed: %w", path, herr)
+		return nil, fmt.Errorf("%w (and in-process setns was refused: %v)", herr, unix.EPERM)
 	}
 	return h, nil
 }
