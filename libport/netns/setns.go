@@ -16,10 +16,13 @@ import (
 
 // setnsSource makes sockets on one OS thread that joined the child netns
 // once and never leaves it: a socket costs a hand-off to that thread, not a
-// setns pair, and the rest of the process never runs inside the child.
+// setns pair, and the rest of the process never runs inside the child. TCP
+// and UDP sockets are made in batches ahead of demand, as the helper's are,
+// so that most calls skip even the hand-off.
 type setnsSource struct {
 	path string
 	reqs chan setnsRequest
+	pool *socketPool
 
 	mu     sync.Mutex // guards closed against sends on reqs
 	closed bool
@@ -28,13 +31,8 @@ type setnsSource struct {
 
 // setnsRequest is one job for the thread inside the child netns.
 type setnsRequest struct {
-	do    func() (int, error)
-	reply chan setnsReply
-}
-
-type setnsReply struct {
-	fd  int
-	err error
+	do    func()
+	reply chan struct{}
 }
 
 // NewSetnsSource joins the network namespace at path on a dedicated, locked
@@ -48,6 +46,7 @@ func NewSetnsSource(path string) (SocketSource, error) {
 	if err := <-started; err != nil {
 		return nil, err
 	}
+	s.pool = newSocketPool(s.makeSockets)
 	return s, nil
 }
 
@@ -72,35 +71,59 @@ func (s *setnsSource) serve(started chan<- error) {
 	}
 	started <- nil
 	for r := range s.reqs {
-		fd, err := r.do()
-		r.reply <- setnsReply{fd, err}
+		r.do()
+		close(r.reply)
 	}
 }
 
 // call runs do on the thread inside the child netns.
-func (s *setnsSource) call(do func() (int, error)) (int, error) {
-	reply := make(chan setnsReply, 1)
+func (s *setnsSource) call(do func()) error {
+	reply := make(chan struct{})
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		return -1, fmt.Errorf("netns: source for %s: %w", s.path, os.ErrClosed)
+		return fmt.Errorf("netns: source for %s: %w", s.path, os.ErrClosed)
 	}
 	// The send completes while we hold mu, so Close cannot close reqs under us;
 	// the thread never blocks on anything but reqs, so this is a quick hand-off.
 	s.reqs <- setnsRequest{do: do, reply: reply}
 	s.mu.Unlock()
-	r := <-reply
-	return r.fd, r.err
+	<-reply
+	return nil
 }
 
 func (s *setnsSource) Socket(domain, typ, proto int) (int, error) {
-	return s.call(func() (int, error) {
-		fd, err := unix.Socket(domain, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, proto)
-		if err != nil {
-			return -1, fmt.Errorf("netns: socket(%d, %d, %d) in %s: %w", domain, typ, proto, s.path, err)
+	if k, pooled := kindOf(domain, typ, proto); pooled {
+		return s.pool.get(k)
+	}
+	fds, err := s.makeSockets(kind{domain, typ &^ (unix.SOCK_CLOEXEC | unix.SOCK_NONBLOCK), proto}, 1)
+	if err != nil {
+		return -1, err
+	}
+	return fds[0], nil
+}
+
+// makeSockets makes up to n sockets of kind k on the thread in the child.
+func (s *setnsSource) makeSockets(k kind, n int) ([]int, error) {
+	fds := make([]int, 0, n)
+	var serr error
+	err := s.call(func() {
+		for range n {
+			fd, err := unix.Socket(k.domain, k.typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, k.proto)
+			if err != nil {
+				serr = err
+				return
+			}
+			fds = append(fds, fd)
 		}
-		return fd, nil
 	})
+	if err != nil {
+		return nil, err
+	}
+	if len(fds) == 0 {
+		return nil, fmt.Errorf("netns: %v in %s: %w", k, s.path, serr)
+	}
+	return fds, nil
 }
 
 func (s *setnsSource) Sysctl(key, value string) error {
@@ -110,7 +133,9 @@ func (s *setnsSource) Sysctl(key, value string) error {
 	}
 	// The open must happen on the thread inside the child: /proc/sys/net
 	// shows the netns of the thread that looks the file up.
-	_, err = s.call(func() (int, error) { return -1, writeSysctl(p, value) })
+	if cerr := s.call(func() { err = writeSysctl(p, value) }); cerr != nil {
+		err = cerr
+	}
 	if err != nil {
 		return fmt.Errorf("netns: sysctl %s=%s in %s: %w", key, value, s.path, err)
 	}
@@ -118,6 +143,7 @@ func (s *setnsSource) Sysctl(key, value string) error {
 }
 
 func (s *setnsSource) Close() error {
+	s.pool.close()
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
@@ -125,6 +151,7 @@ func (s *setnsSource) Close() error {
 	}
 	s.mu.Unlock()
 	<-s.done
+	s.pool.drain()
 	return nil
 }
 
