@@ -419,7 +419,7 @@ func (f *forwarder) teardown() error {
 			}
 		}
 		f.written = nil
-		if f.opts.lock == nil {
+		if f.opts.lock == nil && f.lock != nil {
 			// Our own lock: unlink it before letting go, so a waiter never
 			// holds a lock on a file nobody else can see (state.Lock checks).
 			_ = f.dir.Remove(state.LockFile)
