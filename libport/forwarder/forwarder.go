@@ -18,6 +18,7 @@ import (
 	"log"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -119,22 +120,43 @@ func validDriver(name string) bool {
 }
 
 // networkConfig is c.Network completed from the rest of c: the netns, the
-// slirp4netns API socket, and pasta's ports (ports, when restoring).
-func (c *Config) networkConfig(ports []libport.Spec) network.Config {
+// slirp4netns API socket, and pasta's ports (restored, when not nil).
+func (c *Config) networkConfig(restored []libport.Spec) network.Config {
 	n := *c.Network
 	if n.NetnsPath == "" {
 		n.NetnsPath = c.netnsPath()
 	}
 	if n.Backend == "slirp4netns" && c.PortDriver == "slirp4netns" && n.APISocket == "" && c.SlirpAPISocket == "" {
-		n.APISocket = c.StateDir + "/" + slirpSocketName
+		n.APISocket = filepath.Join(c.StateDir, slirpSocketName)
 	}
 	if n.Backend == "pasta" && c.PortDriver == "implicit" {
-		if ports == nil {
-			ports = c.Ports
+		if restored != nil {
+			n.Ports = restored
+		} else {
+			n.Ports = c.implicitPorts()
 		}
-		n.Ports = append([]libport.Spec(nil), ports...)
 	}
 	return n
+}
+
+// implicitPorts are the ports pasta starts with under the implicit driver:
+// those given to the network and those given to the forwarder, once each.
+func (c *Config) implicitPorts() []libport.Spec {
+	var out []libport.Spec
+	seen := map[libport.Spec]bool{}
+	var net []libport.Spec
+	if c.Network != nil {
+		net = c.Network.Ports
+	}
+	for _, list := range [][]libport.Spec{net, c.Ports} {
+		for _, s := range list {
+			if !seen[s] {
+				seen[s] = true
+				out = append(out, s)
+			}
+		}
+	}
+	return out
 }
 
 // runOptions are what a supervised forwarder does differently.
@@ -302,11 +324,13 @@ func (f *forwarder) startNetwork(ctx context.Context) error {
 		}
 	}
 	ncfg := f.cfg.networkConfig(ports)
-	if ncfg.APISocket != "" {
-		if err := f.dir.Remove(slirpSocketName); err != nil {
+	if ncfg.APISocket != "" && filepath.Dir(ncfg.APISocket) == f.dir.Path() {
+		// slirp4netns cannot bind over the socket a killed one left.
+		name := filepath.Base(ncfg.APISocket)
+		if err := f.dir.Remove(name); err != nil {
 			return err
 		}
-		f.written = append(f.written, slirpSocketName)
+		f.written = append(f.written, name)
 	}
 	n, err := network.Start(ctx, ncfg)
 	if err != nil {
@@ -354,7 +378,11 @@ func (f *forwarder) publish(ctx context.Context) error {
 			f.opts.logf("forwarder: cannot restore the port table: %v; publishing the configured ports", err)
 		}
 	}
-	for _, spec := range f.cfg.Ports {
+	ports := f.cfg.Ports
+	if f.cfg.PortDriver == "implicit" {
+		ports = f.cfg.implicitPorts() // what pasta forwards, listed in the table
+	}
+	for _, spec := range ports {
 		if _, err := f.table.Add(ctx, spec); err != nil {
 			return fmt.Errorf("forwarder: publish %s: %w", spec, err)
 		}
