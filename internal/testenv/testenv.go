@@ -206,7 +206,10 @@ func ChildNetns(t testing.TB, u *User) *Netns {
 	self, _ := os.Readlink("/proc/self/ns/net")
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if cur, err := os.Readlink(n.Path); err == nil && cur != self {
+		// unshare writes the ID maps after making the namespaces; it execs
+		// sleep only once they are written, so wait for the exec too.
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", n.PID))
+		if cur, err := os.Readlink(n.Path); err == nil && cur != self && strings.TrimSpace(string(comm)) == "sleep" {
 			break
 		}
 		if time.Now().After(deadline) {
