@@ -295,15 +295,27 @@ func debPackage(backend string) string {
 	return backend
 }
 
+// ChildAddresses is the IPv4 layout both backends give the child in cidr
+// (default 10.0.2.0/24): its address (.100), the gateway (.2) and the DNS
+// forwarder (.3), known before anything starts (e.g. for resolv.conf).
+func ChildAddresses(cidr string) (ip net.IPNet, gateway, dns net.IP, err error) {
+	if cidr == "" {
+		cidr = DefaultCIDR
+	}
+	ipnet, err := childNet(cidr)
+	if err != nil {
+		return net.IPNet{}, nil, nil, err
+	}
+	return net.IPNet{IP: addIP(ipnet.IP, childOffset), Mask: ipnet.Mask},
+		addIP(ipnet.IP, gatewayOffset), addIP(ipnet.IP, dnsOffset), nil
+}
+
 // addressing fills the IPv4 fields of n from cfg as slirp4netns lays them out.
 func (n *Network) addressing(cfg *Config) error {
-	ipnet, err := childNet(cfg.CIDR)
-	if err != nil {
+	var err error
+	if n.IP, n.Gateway, n.DNS, err = ChildAddresses(cfg.CIDR); err != nil {
 		return err
 	}
-	n.IP = net.IPNet{IP: addIP(ipnet.IP, childOffset), Mask: ipnet.Mask}
-	n.Gateway = addIP(ipnet.IP, gatewayOffset)
-	n.DNS = addIP(ipnet.IP, dnsOffset)
 	n.MTU = cfg.MTU
 	n.IfName = cfg.IfName
 	n.Backend = cfg.Backend

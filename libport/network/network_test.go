@@ -291,17 +291,23 @@ func TestStartReachesParentLoopbackAndStops(t *testing.T) {
 	for _, tc := range []struct {
 		backend, gateway, cidr string
 		mtu                    int
+		sandbox                bool
 	}{
-		{"slirp4netns", "10.0.2.2", "", 0},
-		{"pasta", "10.0.2.2", "", 0},
-		{"slirp4netns", "10.99.0.2", "10.99.0.0/16", 1500},
-		{"pasta", "10.99.0.2", "10.99.0.0/16", 1500},
+		{"slirp4netns", "10.0.2.2", "", 0, false},
+		{"pasta", "10.0.2.2", "", 0, false},
+		{"slirp4netns", "10.99.0.2", "10.99.0.0/16", 1500, false},
+		{"pasta", "10.99.0.2", "10.99.0.0/16", 1500, false},
+		{"slirp4netns", "10.0.2.2", "", 0, true},
 	} {
-		t.Run(fmt.Sprintf("%s-%s", tc.backend, tc.gateway), func(t *testing.T) {
+		name := fmt.Sprintf("%s-%s", tc.backend, tc.gateway)
+		if tc.sandbox {
+			name += "-sandbox-seccomp"
+		}
+		t.Run(name, func(t *testing.T) {
 			requireNetworkTools(t, tc.backend)
 			u := testenv.Unprivileged(t)
 			ns := testenv.ChildNetns(t, u)
-			cfg := Config{Backend: tc.backend, NetnsPath: ns.Path, CIDR: tc.cidr, MTU: tc.mtu}
+			cfg := Config{Backend: tc.backend, NetnsPath: ns.Path, CIDR: tc.cidr, MTU: tc.mtu, Sandbox: tc.sandbox, Seccomp: tc.sandbox}
 			a := startAgent(t, u, cfg)
 			cfg.Default()
 			checkInfo(t, u, ns, a.report, cfg)

@@ -7,9 +7,14 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/portkit/portkit/libport/netns"
 )
 
 // Slirp4netnsFeatures is what the installed slirp4netns supports, read from
@@ -75,12 +80,22 @@ func startSlirp4netns(ctx context.Context, cfg *Config) (*Network, error) {
 		n.Gateway6, n.DNS6 = slirpGateway6, slirpDNS6
 	}
 
-	userns, err := usernsArg(cfg.NetnsPath)
-	if err != nil {
-		return nil, err
-	}
-	if userns != nil {
-		defer userns.Close()
+	// slirp4netns joins the namespaces of a PID (its default), or a netns
+	// path with a user namespace path. Its sandbox fails in path mode
+	// ("setegid(0)"), so a /proc/PID/ns/net whose process lives in the
+	// netns's owning user namespace is passed as the PID.
+	pid := netnsHolder(cfg.NetnsPath)
+	var userns *os.File
+	if pid == 0 {
+		if cfg.Sandbox {
+			return nil, fmt.Errorf("slirp4netns --enable-sandbox fails on a netns given by path: give /proc/PID/ns/net of a process in the netns and its owning user namespace, or turn the sandbox off")
+		}
+		if userns, err = usernsArg(cfg.NetnsPath); err != nil {
+			return nil, err
+		}
+		if userns != nil {
+			defer userns.Close()
+		}
 	}
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
@@ -101,11 +116,15 @@ func startSlirp4netns(ctx context.Context, cfg *Config) (*Network, error) {
 		"--cidr=" + cfg.CIDR,
 		"--ready-fd=3",
 		"--exit-fd=4",
-		"--netns-type=path",
 	}
-	if userns != nil {
-		extra = append(extra, userns)
-		args = append(args, "--userns-path=/proc/self/fd/5")
+	target := strconv.Itoa(pid)
+	if pid == 0 {
+		target = cfg.NetnsPath
+		args = append(args, "--netns-type=path")
+		if userns != nil {
+			extra = append(extra, userns)
+			args = append(args, "--userns-path=/proc/self/fd/5")
+		}
 	}
 	if feat.MACAddress {
 		if n.MAC, err = randomMAC(); err != nil {
@@ -138,7 +157,7 @@ func startSlirp4netns(ctx context.Context, cfg *Config) (*Network, error) {
 	if cfg.APISocket != "" {
 		args = append(args, "--api-socket="+cfg.APISocket)
 	}
-	args = append(args, cfg.NetnsPath, cfg.IfName)
+	args = append(args, target, cfg.IfName)
 
 	cmd := exec.Command("slirp4netns", args...)
 	cmd.ExtraFiles = extra
@@ -178,4 +197,35 @@ func startSlirp4netns(ctx context.Context, cfg *Config) (*Network, error) {
 		n.MAC = "unknown"
 	}
 	return n, nil
+}
+
+// netnsHolder returns PID when path is /proc/PID/ns/net and that process is
+// in the user namespace owning the netns (so slirp4netns may take the PID),
+// else 0.
+func netnsHolder(path string) int {
+	rest, ok := strings.CutPrefix(filepath.Clean(path), "/proc/")
+	if !ok {
+		return 0
+	}
+	pidText, ok := strings.CutSuffix(rest, "/ns/net")
+	if !ok {
+		return 0
+	}
+	pid, err := strconv.Atoi(pidText)
+	if err != nil || pid <= 0 {
+		return 0
+	}
+	owner, err := netns.OwnerUserns(path)
+	if err != nil {
+		return 0
+	}
+	defer owner.Close()
+	var a, b unix.Stat_t
+	if unix.Fstat(int(owner.Fd()), &a) != nil || unix.Stat(fmt.Sprintf("/proc/%d/ns/user", pid), &b) != nil {
+		return 0
+	}
+	if a.Dev != b.Dev || a.Ino != b.Ino {
+		return 0
+	}
+	return pid
 }
