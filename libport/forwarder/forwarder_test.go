@@ -20,6 +20,7 @@ import (
 	"github.com/portkit/portkit/internal/testenv"
 	"github.com/portkit/portkit/libport"
 	"github.com/portkit/portkit/libport/api"
+	"github.com/portkit/portkit/libport/network"
 	"github.com/portkit/portkit/libport/state"
 )
 
@@ -609,4 +610,124 @@ func procFDs(t *testing.T, pid int) map[int]string {
 		fds[fd] = target
 	}
 	return fds
+}
+
+// echoServer answers each connection with what it reads, upper-cased marker first.
+func echoServer(t *testing.T, l net.Listener) {
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 64)
+				n, _ := c.Read(buf)
+				c.Write(append([]byte("echo:"), buf[:n]...))
+			}()
+		}
+	}()
+}
+
+// roundTrip dials addr, sends msg and returns the reply.
+func roundTrip(addr, msg string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return "", err
+	}
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// TestSlirp4netnsPortsComeBackAfterForwarderKill spawns, as the test user, a
+// forwarder that starts slirp4netns for a child netns and publishes a port
+// through it; after SIGKILL of the forwarder (which takes slirp4netns with
+// it) the supervisor brings the network and the port back, same ID, within 2 s.
+func TestSlirp4netnsPortsComeBackAfterForwarderKill(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBinary(t, "slirp4netns")
+	u := testenv.Unprivileged(t)
+	ns := testenv.ChildNetns(t, u)
+	l := testenv.Listen(t, ns.Path, "tcp4", "0.0.0.0:0")
+	echoServer(t, l)
+	childPort := l.Addr().(*net.TCPAddr).Port
+	hostPort := freePort(t)
+	spec := fmt.Sprintf("127.0.0.1:%d:%d/tcp", hostPort, childPort)
+	specs, _ := libport.ParseSpec(spec)
+
+	r := newRunner(t, u)
+	dir := filepath.Join(u.Dir(t), "attachment")
+	r.spawn(t, Config{StateDir: dir, PortDriver: "slirp4netns", NetnsPath: ns.Path,
+		Network: &network.Config{Backend: "slirp4netns"}, Ports: specs})
+	addr := fmt.Sprintf("127.0.0.1:%d", hostPort)
+	if got, err := roundTrip(addr, "one"); err != nil || got != "echo:one" {
+		t.Fatalf("through slirp4netns: %q, %v", got, err)
+	}
+	// A second port, added over the API, must come back too, with its ID.
+	hostPort2 := freePort(t)
+	out, err := r.run(t, "addport", dir+" "+fmt.Sprintf("127.0.0.1:%d:%d/tcp", hostPort2, childPort))
+	if err != nil || out != "2" {
+		t.Fatalf("add port over the API: %v %q", err, out)
+	}
+
+	fwd := readProcess(t, dir, state.ForwarderFile)
+	slirp := readProcess(t, dir, state.NetworkPID)
+	syscall.Kill(fwd.PID, syscall.SIGKILL)
+	killed := time.Now()
+	if !slirp.WaitGone(3 * time.Second) {
+		t.Error("slirp4netns outlived its forwarder")
+	}
+	var back time.Duration
+	for {
+		if got, err := roundTrip(addr, "two"); err == nil && got == "echo:two" {
+			back = time.Since(killed)
+			break
+		}
+		if time.Since(killed) > 15*time.Second {
+			log, _ := os.ReadFile(filepath.Join(dir, state.LogFile))
+			t.Fatalf("port not back 15 s after SIGKILL; log:\n%s", log)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("port back %v after SIGKILL of the forwarder", back)
+	if back > 2*time.Second {
+		t.Errorf("port back after %v, want within 2 s", back)
+	}
+	if got, err := roundTrip(fmt.Sprintf("127.0.0.1:%d", hostPort2), "three"); err != nil || got != "echo:three" {
+		t.Errorf("API-added port after restart: %q, %v", got, err)
+	}
+	var pf portsFile
+	b, _ := os.ReadFile(filepath.Join(dir, state.PortsFile))
+	if err := json.Unmarshal(b, &pf); err != nil || len(pf.Ports) != 2 || pf.Ports[0].ID != 1 || pf.Ports[1].ID != 2 || pf.NextID != 3 {
+		t.Errorf("ports.json after restart = %s (%v)", b, err)
+	}
+	if out, err := r.run(t, "check", dir); err != nil {
+		t.Errorf("Check after restart: %v: %s", err, out)
+	}
+	newSlirp := readProcess(t, dir, state.NetworkPID)
+	if out, err := r.run(t, "stop", dir); err != nil {
+		t.Fatalf("Stop: %v %s", err, out)
+	}
+	if newSlirp.Alive() {
+		t.Error("slirp4netns alive after Stop")
+	}
+	if _, err := roundTrip(addr, "four"); err == nil {
+		t.Error("port still open after Stop")
+	}
 }
