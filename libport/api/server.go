@@ -139,17 +139,21 @@ func (s *server) deletePort(w http.ResponseWriter, r *http.Request, idText strin
 // RootlessKit's Spec fields and nothing else. It does not validate the spec;
 // the table does.
 func DecodeSpec(r io.Reader) (libport.Spec, error) {
-	var spec libport.Spec
+	var spec *libport.Spec // a pointer, to tell null from {}
 	dec := json.NewDecoder(r)
 	dec.DisallowUnknownFields()
 	err := dec.Decode(&spec)
 	if err == nil {
 		// Decode stops after one value: anything but white space after it is an error.
 		var extra json.RawMessage
-		if err = dec.Decode(&extra); err == io.EOF {
-			return spec, nil
-		} else if err == nil {
+		if err = dec.Decode(&extra); err == nil {
 			return libport.Spec{}, fmt.Errorf("bad port spec: more than one JSON value in the request body: send one object")
+		}
+		if err == io.EOF {
+			if spec == nil {
+				return libport.Spec{}, fmt.Errorf("bad port spec: want a JSON object, got null")
+			}
+			return *spec, nil
 		}
 	}
 	var tooBig *http.MaxBytesError
