@@ -1,0 +1,158 @@
+package builtin
+
+// Child side: every socket here is made in the child netns by the socket
+// source and used from the parent. A socket keeps the netns it was made in,
+// so binding, connecting and routing all happen as the child sees them.
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/portkit/portkit/libport/netns"
+)
+
+// transparentError is a failure to make a socket look like the client
+// (IP_TRANSPARENT, SO_MARK or the bind to the client's address); the caller
+// falls back to a plain socket.
+type transparentError struct{ err error }
+
+func (e *transparentError) Error() string { return "source IP: " + e.err.Error() }
+func (e *transparentError) Unwrap() error { return e.err }
+
+func domainOf(a netip.Addr) int {
+	if a.Is4() {
+		return unix.AF_INET
+	}
+	return unix.AF_INET6
+}
+
+func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	}
+	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+}
+
+// canBeTransparent reports whether a socket for child may be bound to
+// client's address: same family, and an address that means the same thing in
+// the child (not loopback, not link-local, whose zone is a parent interface).
+func canBeTransparent(client, child netip.AddrPort) bool {
+	a := client.Addr()
+	return client.IsValid() && a.Is4() == child.Addr().Is4() &&
+		!a.IsLoopback() && !a.IsLinkLocalUnicast() && !a.IsUnspecified() && a.Zone() == ""
+}
+
+// makeTransparent lets fd use from, an address the child does not own, as its
+// source, and marks its packets so that replies to from are delivered locally.
+func makeTransparent(fd int, from netip.AddrPort, mark int) error {
+	var err error
+	if from.Addr().Is4() {
+		err = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+	} else {
+		err = unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+	}
+	if err != nil {
+		return &transparentError{fmt.Errorf("IP_TRANSPARENT: %w", err)}
+	}
+	if mark != 0 {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark); err != nil {
+			return &transparentError{fmt.Errorf("SO_MARK: %w", err)}
+		}
+	}
+	// The client may reuse its port while the child still holds the last
+	// connection from it in TIME_WAIT.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return &transparentError{fmt.Errorf("SO_REUSEADDR: %w", err)}
+	}
+	if err := unix.Bind(fd, sockaddrOf(from)); err != nil {
+		return &transparentError{fmt.Errorf("bind %s: %w", from, err)}
+	}
+	return nil
+}
+
+// dialTCP connects a new child-netns socket to to. With from valid the socket
+// is transparent: bound to the client's address and marked with mark. The
+// connect is non-blocking and waits in the poller, so a slow or dropped SYN
+// costs a goroutine, not a thread.
+func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int) (*os.File, error) {
+	fd, err := src.Socket(domainOf(to.Addr()), unix.SOCK_STREAM, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socket in the child netns: %w", err)
+	}
+	// Small requests and replies must not wait for Nagle on our hop.
+	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	if from.IsValid() {
+		if err := makeTransparent(fd, from, mark); err != nil {
+			unix.Close(fd)
+			return nil, err
+		}
+	}
+	if err := unix.Connect(fd, sockaddrOf(to)); err != nil && err != unix.EINPROGRESS {
+		unix.Close(fd)
+		if from.IsValid() && (errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)) {
+			return nil, &transparentError{fmt.Errorf("connect %s from %s: %w", to, from, err)}
+		}
+		return nil, fmt.Errorf("connect %s in the child netns: %w", to, err)
+	}
+	f := os.NewFile(uintptr(fd), "child tcp")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	var cerr error
+	err = rc.Write(func(fd uintptr) bool {
+		v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		if err != nil {
+			cerr = err
+			return true
+		}
+		if v != 0 {
+			cerr = unix.Errno(v)
+			return true
+		}
+		// SO_ERROR is also 0 while the handshake is under way.
+		if _, err := unix.Getpeername(int(fd)); err != nil {
+			if err == unix.ENOTCONN {
+				return false
+			}
+			cerr = err
+			return true
+		}
+		return true
+	})
+	if err == nil {
+		err = cerr
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("connect %s in the child netns: %w", to, err)
+	}
+	return f, nil
+}
+
+// udpFlowSocket makes the child side of one UDP flow. A plain flow socket is
+// connected to to, so the kernel filters replies for us; a transparent one is
+// bound to the client's address from and left unconnected (it sends with
+// sendto), because replies come back through the per-port rule as datagrams
+// addressed to from.
+func udpFlowSocket(src netns.SocketSource, to, from netip.AddrPort) (*os.File, error) {
+	fd, err := src.Socket(domainOf(to.Addr()), unix.SOCK_DGRAM, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socket in the child netns: %w", err)
+	}
+	if from.IsValid() {
+		err = makeTransparent(fd, from, 0)
+	} else if err = unix.Connect(fd, sockaddrOf(to)); err != nil {
+		err = fmt.Errorf("connect %s in the child netns: %w", to, err)
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), "child udp"), nil
+}
