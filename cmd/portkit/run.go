@@ -21,6 +21,9 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/portkit/portkit/libport"
 	"github.com/portkit/portkit/libport/forwarder"
@@ -77,7 +80,7 @@ func (l *specList) Set(v string) error {
 
 var netModes = []string{"slirp4netns", "pasta", "host", "none"}
 
-func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
+func parseRunFlags(args []string, helpOut io.Writer) (*runOptions, error) {
 	o := &runOptions{}
 	fs := flag.NewFlagSet("portkit run", flag.ContinueOnError)
 	var usage bytes.Buffer
@@ -104,7 +107,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			io.Copy(stderr, &usage)
+			io.Copy(helpOut, &usage)
 			return nil, err
 		}
 		msg := err.Error()
@@ -193,9 +196,16 @@ func (o *runOptions) networkConfig(netnsPath string) network.Config {
 	return n
 }
 
+func init() {
+	commands["run"] = command{
+		summary: "run a command in new user, mount and network namespaces with published ports (RootlessKit's place)",
+		run:     exitWith(runMain),
+	}
+}
+
 // runMain is `portkit run ARGS...`; it returns the exit code.
 func runMain(args []string) int {
-	o, err := parseRunFlags(args, os.Stderr)
+	o, err := parseRunFlags(args, stdout)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
@@ -265,10 +275,21 @@ func (o *runOptions) run() (code int, err error) {
 		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
 	defer signal.Stop(sigc)
 
+	// Orphans of the command (daemons it leaves) are re-parented to us, so
+	// we can reap them after killing them (PID 1 here does not reap).
+	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 	child, err := o.startChild()
 	if err != nil {
 		return 1, err
 	}
+	userns, nsErr := nsID(child.cmd.Process.Pid, "user")
+	// Whatever way the command ends, nothing that runs in its user
+	// namespace may outlive run: it would keep the namespaces alive.
+	defer func() {
+		if nsErr == nil {
+			killUserns(userns)
+		}
+	}()
 	exited := make(chan struct{})
 	go func() { _ = child.cmd.Wait(); close(exited) }()
 	forwardDone := make(chan struct{})
@@ -368,7 +389,7 @@ func (o *runOptions) run() (code int, err error) {
 	} else {
 		stopForwarder()
 	}
-	return exitCode(child.cmd.ProcessState), nil
+	return commandExitCode(child.cmd.ProcessState), nil
 }
 
 func parseChildStatus(s string) (int, error) {
@@ -382,7 +403,7 @@ func parseChildStatus(s string) (int, error) {
 	return 1, fmt.Errorf("child: %s", s)
 }
 
-func exitCode(ps *os.ProcessState) int {
+func commandExitCode(ps *os.ProcessState) int {
 	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 		return 128 + int(ws.Signal())
 	}
@@ -499,4 +520,56 @@ func usernsHint(err error) string {
 		return " (unprivileged user namespaces may be disabled: check sysctl kernel.unprivileged_userns_clone and user.max_user_namespaces)"
 	}
 	return ""
+}
+
+// nsInode identifies a namespace.
+type nsInode struct{ dev, ino uint64 }
+
+func nsID(pid int, kind string) (nsInode, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/%s", pid, kind), &st); err != nil {
+		return nsInode{}, err
+	}
+	return nsInode{st.Dev, st.Ino}, nil
+}
+
+// killUserns SIGKILLs every process left in the user namespace ns (we own
+// it, so we may) and reaps those that were re-parented to us.
+func killUserns(ns nsInode) {
+	self := os.Getpid()
+	for range 100 {
+		found := 0
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == self {
+				continue
+			}
+			if id, err := nsID(pid, "user"); err != nil || id != ns {
+				continue
+			}
+			if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && isZombie(st) {
+				reapIfOurs(pid)
+				continue
+			}
+			found++
+			_ = unix.Kill(pid, unix.SIGKILL)
+			reapIfOurs(pid)
+		}
+		if found == 0 {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func isZombie(stat []byte) bool {
+	i := bytes.LastIndexByte(stat, ')')
+	return i >= 0 && i+2 < len(stat) && (stat[i+2] == 'Z' || stat[i+2] == 'X')
+}
+
+// reapIfOurs collects pid's exit status if it is our (adopted) child.
+func reapIfOurs(pid int) {
+	var ws unix.WaitStatus
+	_, _ = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
 }
