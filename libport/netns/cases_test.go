@@ -500,3 +500,62 @@ func socketNetns(t *testing.T, fd int) uint64 {
 	}
 	return st.Ino
 }
+
+// testNoFdLeak takes sockets from a fresh source, closes them and the
+// source, and checks that the process holds as many fds as before; while
+// open, the pools are all the source holds beyond a few fixed fds.
+func testNoFdLeak(t *testing.T, src SocketSource, fx *fixture) {
+	before := countFds(t)
+	s, err := fx.open(fx.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 * poolBatch {
+		for _, domain := range []int{unix.AF_INET, unix.AF_INET6} {
+			fd, err := s.Socket(domain, unix.SOCK_STREAM, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			unix.Close(fd)
+		}
+	}
+	// Refills run in the background; let the last ones land.
+	switch s := s.(type) {
+	case *setnsSource:
+		s.pool.wg.Wait()
+	case *helperSource:
+		s.pool.wg.Wait()
+	}
+	pooled := Pooled(s)
+	if pooled < 2 || pooled > 2*(poolBatch+poolLowWater) {
+		t.Errorf("%d sockets pooled for 2 kinds, want 2..%d", pooled, 2*(poolBatch+poolLowWater))
+	}
+	// The helper source also holds its control socket, the helper's stderr
+	// pipe and the netns, userns and binary it restarts the helper with.
+	if extra := countFds(t) - before - pooled; extra < 0 || extra > 6 {
+		t.Errorf("open source holds %d fds beyond its %d pooled sockets", extra, pooled)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		after := countFds(t)
+		if after == before {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d fds before the source, %d after Close", before, after)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func countFds(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents) - 1 // the directory's own fd
+}

@@ -35,6 +35,11 @@ func init() {
 // closes it too) and returns the exit code.
 func runHelper() int {
 	os.Unsetenv(helperEnv)
+	if typ, err := unix.GetsockoptInt(helperCtrlFd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || typ != unix.SOCK_SEQPACKET {
+		// Not started by helperSource: say so rather than exit silently.
+		os.Stderr.WriteString(helperEnv + " is set but fd 3 is not the helper's control socket: unset it to run this program normally\n")
+		return 2
+	}
 	// The namespace and binary fds were for nsenter; the control socket is
 	// all the helper keeps.
 	for _, fd := range []int{helperUsernsFd, helperNetnsFd, helperExeFd} {
@@ -66,7 +71,7 @@ func runHelper() int {
 			oob = unix.UnixRights(fds...)
 		}
 		for {
-			err = unix.Sendmsg(helperCtrlFd, rep.marshal(), oob, nil, 0)
+			err = unix.Sendmsg(helperCtrlFd, rep.marshal(), oob, nil, unix.MSG_NOSIGNAL)
 			if err != unix.EINTR {
 				break
 			}

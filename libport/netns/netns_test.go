@@ -36,6 +36,8 @@ const (
 type fixture struct {
 	path         string
 	addr4, addr6 string // echo listeners in the child: 127.0.0.1:P and [::1]:P
+	// open makes another source of the kind under test.
+	open func(path string) (SocketSource, error)
 }
 
 // newFixture makes the child namespace and its servers. Needs root.
@@ -82,6 +84,7 @@ var sourceCases = []sourceCase{
 	{"TransparentAndMarkOnChildSocket", testTransparent},
 	{"ConcurrentSockets", testConcurrent},
 	{"BadSocketArguments", testBadSocket},
+	{"NoFdLeftAfterClose", testNoFdLeak},
 }
 
 func runSourceCases(t *testing.T, src SocketSource, fx *fixture) {
@@ -93,6 +96,7 @@ func runSourceCases(t *testing.T, src SocketSource, fx *fixture) {
 // TestSetnsSource runs the cases in this (root) process, which may setns.
 func TestSetnsSource(t *testing.T) {
 	fx, u, n := newFixture(t)
+	fx.open = NewSetnsSource
 	hostFwmark := readSysctl(t, "net/ipv4/tcp_fwmark_accept")
 	src, err := Open(fx.path)
 	if err != nil {
@@ -104,6 +108,43 @@ func TestSetnsSource(t *testing.T) {
 	runSourceCases(t, src, fx)
 	checkSysctlInChild(t, u, n, hostFwmark)
 	testClosed(t, src)
+	t.Run("ProcessStaysInHostNetns", func(t *testing.T) {
+		// The thread that joins the child must never be the main thread,
+		// whose namespaces /proc/self shows and which Go never ends.
+		host, err := os.Readlink("/proc/self/ns/net")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Which thread a goroutine lands on is up to the scheduler: try
+		// often, from several goroutines, with the main thread idle.
+		var wg sync.WaitGroup
+		errs := make(chan error, 4)
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range 100 {
+					s, err := NewSetnsSource(fx.path)
+					if err != nil {
+						errs <- err
+						return
+					}
+					now, _ := os.Readlink("/proc/self/ns/net")
+					s.Close()
+					after, _ := os.Readlink("/proc/self/ns/net")
+					if now != host || after != host {
+						errs <- fmt.Errorf("source %d: the process's netns is %s while open, %s after Close, want %s", i, now, after, host)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	})
 }
 
 // TestHelperSourceAsUser runs the cases in a process owned by the test user,
@@ -146,7 +187,8 @@ func TestUserSide(t *testing.T) {
 	if os.Geteuid() == 0 {
 		t.Fatal("the user side must run unprivileged")
 	}
-	fx := &fixture{path: os.Getenv(envPath), addr4: os.Getenv(envAddr4), addr6: os.Getenv(envAddr6)}
+	fx := &fixture{path: os.Getenv(envPath), addr4: os.Getenv(envAddr4), addr6: os.Getenv(envAddr6),
+		open: func(path string) (SocketSource, error) { return NewHelperSource(path) }}
 	logs := &logLines{}
 	src, err := Open(fx.path, WithLogf(logs.logf))
 	if err != nil {

@@ -145,6 +145,28 @@ func (p *socketPool) drain() {
 	}
 }
 
+// Pooled is how many sockets src holds ready for callers, 0 for a source
+// without pools. Tests that count a process's fds subtract it: a pool holds
+// between a few and poolBatch+poolLowWater sockets per kind in use.
+func Pooled(src SocketSource) int {
+	var p *socketPool
+	switch s := src.(type) {
+	case *setnsSource:
+		p = s.pool
+	case *helperSource:
+		p = s.pool
+	default:
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, kp := range p.kinds {
+		n += len(kp.fds)
+	}
+	return n
+}
+
 func closeFds(fds []int) {
 	for _, fd := range fds {
 		unix.Close(fd)

@@ -54,8 +54,29 @@ func NewSetnsSource(path string) (SocketSource, error) {
 // when it returns, the Go runtime ends the thread instead of reusing it in
 // the wrong namespace.
 func (s *setnsSource) serve(started chan<- error) {
-	defer close(s.done)
 	runtime.LockOSThread()
+	if unix.Gettid() == unix.Getpid() {
+		// This is the main thread: /proc/self shows its namespaces for the
+		// whole process, and Go never ends it, so it would stay in the child
+		// for good. Serve from another thread: while this goroutine holds
+		// the main thread, the new one cannot run on it.
+		locked := make(chan struct{})
+		go func() {
+			runtime.LockOSThread()
+			close(locked)
+			s.serveLocked(started)
+		}()
+		<-locked
+		runtime.UnlockOSThread()
+		return
+	}
+	s.serveLocked(started)
+}
+
+// serveLocked joins the child netns on the calling, locked thread (not the
+// main one) and serves requests there until Close.
+func (s *setnsSource) serveLocked(started chan<- error) {
+	defer close(s.done)
 	target, err := os.Open(s.path)
 	if err != nil {
 		runtime.UnlockOSThread() // nothing changed yet: the thread is clean
