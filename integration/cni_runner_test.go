@@ -223,8 +223,11 @@ func TestCNIRunnerChild(t *testing.T) {
 	out.Close()
 }
 
+// add runs ADD and, as a runtime would, makes sure a DEL follows (DEL is
+// idempotent, so tests that DEL themselves lose nothing).
 func (rt *cniRuntime) add(t *testing.T, list []byte, a attachmentArgs) (json.RawMessage, error) {
 	t.Helper()
+	t.Cleanup(func() { _ = rt.del(t, list, a) })
 	return rt.call(t, cniRequest{Op: "add", Conflist: list, ContainerID: a.containerID, Netns: a.netns, IfName: a.ifName, CapabilityArgs: a.caps})
 }
 

@@ -171,6 +171,7 @@ func who(dial func(network, addr string) (net.Conn, error), network, addr string
 type stateSnapshot struct {
 	dirs    []string
 	entries map[string]bool
+	pids    map[int]bool // processes that existed before: zombies of others' tests are not ours
 }
 
 // stateDirs are where the plugins run by u keep their records.
@@ -183,7 +184,13 @@ func stateDirs(u *testenv.User) []string {
 }
 
 func snapshotState(u *testenv.User) stateSnapshot {
-	s := stateSnapshot{dirs: stateDirs(u), entries: map[string]bool{}}
+	s := stateSnapshot{dirs: stateDirs(u), entries: map[string]bool{}, pids: map[int]bool{}}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			s.pids[pid] = true
+		}
+	}
 	for _, d := range s.dirs {
 		ents, _ := os.ReadDir(d)
 		for _, e := range ents {
@@ -209,12 +216,12 @@ func (s stateSnapshot) newEntries() []string {
 
 // ourProcesses lists live processes started from the plugin binaries, or
 // network processes attached to the netns of holder pid.
-func ourProcesses(pluginDir string, holder int) []string {
+func ourProcesses(pluginDir string, holder int, old map[int]bool) []string {
 	var out []string
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
+		if err != nil || pid == os.Getpid() || old[pid] {
 			continue
 		}
 		stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
@@ -250,7 +257,7 @@ func assertClean(t *testing.T, rt *cniRuntime, snap stateSnapshot, holder int) {
 	var procs []string
 	deadline := time.Now().Add(3 * time.Second)
 	for {
-		procs = ourProcesses(rt.pluginDir, holder)
+		procs = ourProcesses(rt.pluginDir, holder, snap.pids)
 		if len(procs) == 0 || time.Now().After(deadline) {
 			break
 		}
@@ -316,16 +323,16 @@ func runVariant(t *testing.T, rt *cniRuntime, owner *testenv.User, v cniVariant)
 	list := conflist("portkit-"+strings.ReplaceAll(v.name, "+", "-"), "1.1.0", v.plugins)
 	snap := snapshotState(owner)
 
-	raw, err := rt.add(t, list, a)
-	if err != nil {
-		t.Fatalf("ADD: %v", err)
-	}
 	deleted := false
 	t.Cleanup(func() {
 		if !deleted {
 			_ = rt.del(t, list, a)
 		}
 	})
+	raw, err := rt.add(t, list, a)
+	if err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
 	res := parseResult(t, raw, "1.1.0")
 	if len(res.Interfaces) != 1 || res.Interfaces[0].Name != "eth0" || res.Interfaces[0].Sandbox != ns.Path || res.Interfaces[0].Mac == "" || res.Interfaces[0].Mtu == 0 {
 		t.Fatalf("ADD result interfaces: %s", raw)

@@ -93,13 +93,23 @@ func readLink(src netns.SocketSource, ifName string) (*linkState, error) {
 		if len(m.Data) < unix.SizeofIfAddrmsg {
 			continue
 		}
-		family, prefix := m.Data[0], int(m.Data[1])
+		family, prefix, flags := m.Data[0], int(m.Data[1]), uint32(m.Data[2])
 		if int(binary.NativeEndian.Uint32(m.Data[4:8])) != st.Index {
 			continue
 		}
 		attrs, err := syscall.ParseNetlinkRouteAttr(&m)
 		if err != nil {
 			return nil, err
+		}
+		for _, a := range attrs {
+			if a.Attr.Type == unix.IFA_FLAGS && len(a.Value) >= 4 {
+				flags = binary.NativeEndian.Uint32(a.Value)
+			}
+		}
+		// A tentative address (IPv6 duplicate address detection still running)
+		// cannot carry traffic yet; it is not reported until it can.
+		if flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
+			continue
 		}
 		for _, a := range attrs {
 			// IFA_LOCAL is the address on point-to-point links; IFA_ADDRESS elsewhere.
@@ -158,6 +168,21 @@ func (st *linkState) addAddr(a net.IPNet) {
 		}
 	}
 	st.Addrs = append(st.Addrs, a)
+}
+
+// has reports whether st has a usable address and a default gateway of
+// family (4 or 6).
+func (st *linkState) has(family int) bool {
+	want4 := family == 4
+	addr := false
+	for _, a := range st.Addrs {
+		addr = addr || (a.IP.To4() != nil) == want4
+	}
+	gw := false
+	for _, g := range st.Gateways {
+		gw = gw || (g.To4() != nil) == want4
+	}
+	return addr && gw
 }
 
 // gateway returns the default gateway of ip's family, or nil.

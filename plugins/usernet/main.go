@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -31,7 +32,6 @@ import (
 	"github.com/portkit/portkit/libport/forwarder"
 	"github.com/portkit/portkit/libport/netns"
 	"github.com/portkit/portkit/libport/network"
-	"github.com/portkit/portkit/libport/state"
 	"github.com/portkit/portkit/plugins/internal/attachment"
 	"github.com/portkit/portkit/plugins/internal/portmapping"
 )
@@ -95,12 +95,10 @@ func add(cfg *Config, args *skel.CmdArgs) (*current.Result, error) {
 	defer store.Close()
 	k := key(cfg, args)
 	if old, err := store.Load(k); err == nil {
-		if live(old.StateDir) {
-			return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("usernet ADD: %s already exists (forwarder in %s): DEL it first", k, old.StateDir), "")
-		}
-		// A previous attachment died without DEL: clear it and start over.
+		// ADD again without DEL (a runtime that lost track, or a failed ADD
+		// it never rolled back): replace the old attachment, never cross it.
 		if err := teardown(store, old); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("usernet ADD: clear the previous %s: %w", k, err)
 		}
 	}
 
@@ -155,11 +153,39 @@ func spawn(cfg *Config, args *skel.CmdArgs, rec *attachment.Record, netCfg *netw
 	if err != nil {
 		return nil, fmt.Errorf("usernet ADD: start %s for %s: %w", cfg.Backend, args.Netns, err)
 	}
-	link, err := inspect(args.Netns, args.IfName)
+	link, err := waitLink(cfg, args)
 	if err != nil {
 		return nil, fmt.Errorf("usernet ADD: %s started but %w", cfg.Backend, err)
 	}
 	return buildResult(cfg, args, link)
+}
+
+// slirp4netns gives IPv6 by router advertisement: the address (fd00::/64,
+// from the MAC) and the route come seconds after start, once duplicate
+// address detection is done. ADD returns what traffic can use, so it waits.
+const ipv6Wait = 15 * time.Second
+
+func waitLink(cfg *Config, args *skel.CmdArgs) (*linkState, error) {
+	src, err := netns.Open(args.Netns)
+	if err != nil {
+		return nil, fmt.Errorf("open the child netns %s: %w", args.Netns, err)
+	}
+	defer src.Close()
+	deadline := time.Now().Add(ipv6Wait)
+	for {
+		link, err := readLink(src, args.IfName)
+		if err != nil {
+			return nil, err
+		}
+		if !cfg.IPv6 || cfg.Backend != "slirp4netns" || link.has(6) {
+			return link, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("%s in %s got no usable IPv6 address and default route within %s (router advertisement from slirp4netns missing? is net.ipv6.conf.%s.accept_ra on?)",
+				args.IfName, args.Netns, ipv6Wait, args.IfName)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func inspect(netnsPath, ifName string) (*linkState, error) {
@@ -205,17 +231,6 @@ func buildResult(cfg *Config, args *skel.CmdArgs, link *linkState) (*current.Res
 		res.DNS.Nameservers = append(res.DNS.Nameservers, "fd00::3")
 	}
 	return res, nil
-}
-
-// live reports whether the forwarder recorded in dir is running.
-func live(dir string) bool {
-	d, err := state.Open(dir)
-	if err != nil {
-		return false
-	}
-	defer d.Close()
-	p, err := d.ReadProcess(state.ForwarderFile)
-	return err == nil && p.Alive()
 }
 
 // teardown stops rec's forwarder (and with it the network process) and
