@@ -44,7 +44,14 @@ the bundle's annotations:
 // maxState bounds what is read from stdin: an OCI state is a few hundred bytes.
 const maxState = 1 << 20
 
+// defaultPath is used when the runtime gives the hook no PATH (runc passes
+// only the hook's own env), so slirp4netns, pasta and nsenter are found.
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 func main() {
+	if os.Getenv("PATH") == "" {
+		os.Setenv("PATH", defaultPath)
+	}
 	if err := run(os.Args[1:], os.Stdin); err != nil {
 		fmt.Fprintf(os.Stderr, "portkit-oci-hook: %v\n", err)
 		os.Exit(1)

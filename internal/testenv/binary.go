@@ -14,6 +14,7 @@ var packages = map[string]string{
 	"usernet":          "./plugins/usernet",
 	"portdriver":       "./plugins/portdriver",
 	"portkit-oci-hook": "./hooks/portkit-oci-hook",
+	"echod":            "./internal/testenv/echod", // static: runs in a busybox rootfs
 }
 
 var bins struct {
@@ -48,6 +49,7 @@ func Binary(t testing.TB, name string) string {
 	out := filepath.Join(bins.dir, name)
 	cmd := exec.Command("go", "build", "-o", out, pkg)
 	cmd.Dir = ModuleRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
 	}
