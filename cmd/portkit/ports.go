@@ -128,7 +128,9 @@ func undoAdds(c *api.Client, added []libport.Status, spec libport.Spec, total in
 	if total == 1 {
 		return err
 	}
-	err = fmt.Errorf("%s: %w", spec, err)
+	if !strings.Contains(err.Error(), spec.String()) {
+		err = fmt.Errorf("%s: %w", spec, err)
+	}
 	if len(added) == 0 {
 		return err
 	}
