@@ -5,6 +5,7 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -281,4 +282,73 @@ func TestSocketFromEnvironment(t *testing.T) {
 	if out, errOut, code := runAs(t, u, nil, bin, "info", "--socket", sock); code != 0 || !strings.Contains(out, wantInfo) {
 		t.Fatalf("portkit info --socket: exit %d, %q %q", code, out, errOut)
 	}
+}
+
+// TestPortkitAgainstRootlessKit runs the same verbs with rootlessctl and
+// portkit against a real RootlessKit (Debian's 1.1, builtin port driver, as
+// the unprivileged user): our client reads RootlessKit's API and prints the
+// same bytes. RootlessKit lists ports in random order, so at most one port
+// is published when lists are compared.
+func TestPortkitAgainstRootlessKit(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	rootlesskit := testenv.RequireBinary(t, "rootlesskit")
+	testenv.RequireBinary(t, "slirp4netns")
+	rootlessctl := testenv.RequireBinary(t, "rootlessctl")
+	stateDir := filepath.Join(u.Dir(t), "rk")
+	cmd := u.Cmd(rootlesskit, "--state-dir="+stateDir, "--net=slirp4netns", "--disable-host-loopback",
+		"--port-driver=builtin", "sleep", "infinity")
+	var rkErr strings.Builder
+	cmd.Stderr = &rkErr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		// SIGTERM lets RootlessKit stop slirp4netns and its child.
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	})
+	sock := filepath.Join(stateDir, "api.sock")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		select {
+		case <-exited:
+			t.Fatalf("rootlesskit exited: %s", rkErr.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rootlesskit did not serve %s: %s", sock, rkErr.String())
+		}
+	}
+	c := &clients{t: t, u: u, sock: sock, rootlessctl: rootlessctl, pk: testenv.Binary(t, "portkit")}
+	info := c.same("info")
+	if !strings.Contains(info.stdout, "- Port Driver: builtin\n  - Supported protocols: [tcp tcp4 tcp6 udp udp4 udp6]\n") {
+		t.Fatalf("rootlesskit info: %q", info.stdout)
+	}
+	c.same("info", "--json")
+	c.same("list-ports")
+	c.same("list-ports", "--json")
+	p := fmt.Sprint(pickPort(t))
+	c.want("portkit add-ports", c.portkit("add-ports", "127.0.0.1:"+p+":80/tcp"), "1\n", "", 0)
+	c.same("list-ports")
+	c.same("list-ports", "--json")
+	// RootlessKit's own refusals come through as its message.
+	c.want("rootlessctl add-ports conflict", c.rootless("add-ports", "127.0.0.1:"+p+":80/tcp"), "", "error: conflict with ID 1\n", 1)
+	c.want("portkit add-ports conflict", c.portkit("add-ports", "127.0.0.1:"+p+":80/tcp"), "", "error: conflict with ID 1\n", 1)
+	c.want("remove-ports unknown", c.same("remove-ports", "7"), "", "error: unknown id: 7\n", 1)
+	c.want("portkit remove-ports", c.portkit("remove-ports", "1"), "1\n", "", 0)
+	c.want("portkit add-ports --json", c.portkit("add-ports", "--json", "127.0.0.1:"+p+":81/tcp"),
+		`{"id":2,"spec":{"proto":"tcp","parentIP":"127.0.0.1","parentPort":`+p+`,"childPort":81}}`+"\n", "", 0)
+	c.want("rootlessctl remove-ports", c.rootless("remove-ports", "2"), "2\n", "", 0)
+	c.same("list-ports")
 }
