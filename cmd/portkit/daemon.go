@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/portkit/portkit/libport"
+	"github.com/portkit/portkit/libport/builtin"
 	"github.com/portkit/portkit/libport/forwarder"
 	"github.com/portkit/portkit/libport/network"
 )
@@ -36,6 +37,13 @@ Examples:
 
 Flags:
 `
+
+func init() {
+	commands["daemon"] = command{
+		summary: "serve RootlessKit's API and publish ports into an existing child netns",
+		run:     exitWith(daemonMain),
+	}
+}
 
 // daemonFlags are the parsed flags of `portkit daemon`.
 type daemonFlags struct {
@@ -116,20 +124,11 @@ func parseDaemonFlags(args []string, stderr io.Writer) (*daemonFlags, error) {
 }
 
 func parseSourceIP(text string, o *forwarder.BuiltinOptions) error {
-	tcp, udp := false, false
-	if text != "none" {
-		for _, t := range strings.Split(text, ",") {
-			switch t {
-			case "tcp":
-				tcp = true
-			case "udp":
-				udp = true
-			default:
-				return fmt.Errorf("--source-ip=%s: want tcp, udp, tcp,udp or none", text)
-			}
-		}
+	src, err := builtin.ParseSourceIP(text)
+	if err != nil {
+		return fmt.Errorf("--source-ip: %w", err)
 	}
-	o.NoSourceIP, o.SourceIPUDP = !tcp, udp
+	o.SourceIP = src
 	return nil
 }
 

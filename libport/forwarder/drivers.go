@@ -5,17 +5,17 @@ import (
 	"time"
 
 	"github.com/portkit/portkit/libport"
+	"github.com/portkit/portkit/libport/builtin"
 	"github.com/portkit/portkit/libport/netns"
 	"github.com/portkit/portkit/libport/slirp4netns"
 )
 
-// BuiltinOptions tunes the builtin driver. It is the serializable part of
-// builtin.Options (config.json must round-trip through JSON).
+// BuiltinOptions tunes the builtin driver: builtin.Options without its
+// Logf (the forwarder's log), so that config.json round-trips through JSON.
 type BuiltinOptions struct {
-	SourceIPUDP    bool          `json:"sourceIPUDP,omitempty"`    // keep the client's source IP for UDP too (opt-in)
-	NoSourceIP     bool          `json:"noSourceIP,omitempty"`     // do not keep the client's source IP for TCP
-	UDPIdleTimeout time.Duration `json:"udpIdleTimeout,omitempty"` // default: the driver's
-	UDPMaxFlows    int           `json:"udpMaxFlows,omitempty"`    // default: the driver's
+	SourceIP       builtin.SourceIP `json:"sourceIP"`                 // TCP on by default, UDP opt-in
+	UDPIdleTimeout time.Duration    `json:"udpIdleTimeout,omitempty"` // default: the driver's
+	UDPMaxFlows    int              `json:"udpMaxFlows,omitempty"`    // default: the driver's
 }
 
 // startDriver builds the port driver cfg.PortDriver names.
@@ -45,7 +45,19 @@ func (f *forwarder) newDriver() (libport.Driver, error) {
 			childIP = ip.String()
 		}
 		return slirp4netns.New(socket, childIP)
-	case "builtin", "implicit", "socat":
+	case "builtin":
+		src, err := f.openSource()
+		if err != nil {
+			return nil, err
+		}
+		o := f.cfg.Builtin
+		return builtin.New(src, builtin.Options{SourceIP: o.SourceIP, UDPIdleTimeout: o.UDPIdleTimeout, UDPMaxFlows: o.UDPMaxFlows, Logf: f.opts.logf})
+	case "implicit":
+		if f.net == nil || f.net.Backend != "pasta" {
+			return nil, fmt.Errorf("no pasta to report: the implicit driver needs --net pasta started by this forwarder")
+		}
+		return implicitDriver(f.netCfg.Ports)
+	case "socat":
 		return nil, fmt.Errorf("not available in this build yet")
 	}
 	return nil, fmt.Errorf("unknown port driver %q", f.cfg.PortDriver)

@@ -184,6 +184,7 @@ type forwarder struct {
 
 	createdDir bool
 	net        *network.Network
+	netCfg     network.Config // what the network was started with
 	source     netns.SocketSource
 	driver     libport.Driver
 	table      *libport.Table
@@ -332,6 +333,7 @@ func (f *forwarder) startNetwork(ctx context.Context) error {
 		}
 		f.written = append(f.written, name)
 	}
+	f.netCfg = ncfg
 	n, err := network.Start(ctx, ncfg)
 	if err != nil {
 		return fmt.Errorf("forwarder: %w", err)

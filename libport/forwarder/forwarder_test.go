@@ -731,3 +731,91 @@ func TestSlirp4netnsPortsComeBackAfterForwarderKill(t *testing.T) {
 		t.Error("port still open after Stop")
 	}
 }
+
+// TestBuiltinPublishesIntoChildNetnsAsUser spawns, as the test user, a
+// builtin forwarder for a child netns the user owns: traffic flows, the
+// unmodified rootlessctl adds, lists and removes ports on it, and after
+// SIGKILL of the forwarder its ports are back within 2 s.
+func TestBuiltinPublishesIntoChildNetnsAsUser(t *testing.T) {
+	testenv.RequireRoot(t)
+	rootlessctl := testenv.RequireBinary(t, "rootlessctl")
+	u := testenv.Unprivileged(t)
+	ns := testenv.ChildNetns(t, u)
+	l := testenv.Listen(t, ns.Path, "tcp4", "127.0.0.1:0")
+	echoServer(t, l)
+	childPort := l.Addr().(*net.TCPAddr).Port
+	hostPort := freePort(t)
+	specs, _ := libport.ParseSpec(fmt.Sprintf("127.0.0.1:%d:%d/tcp", hostPort, childPort))
+
+	r := newRunner(t, u)
+	dir := filepath.Join(u.Dir(t), "attachment")
+	r.spawn(t, Config{StateDir: dir, PortDriver: "builtin", NetnsPath: ns.Path, Ports: specs})
+	addr := fmt.Sprintf("127.0.0.1:%d", hostPort)
+	if got, err := roundTrip(addr, "one"); err != nil || got != "echo:one" {
+		t.Fatalf("through builtin: %q, %v", got, err)
+	}
+
+	sock := filepath.Join(dir, state.APISocket)
+	ctl := func(args ...string) string {
+		t.Helper()
+		out, err := u.Cmd(rootlessctl, append([]string{"--socket", sock}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("rootlessctl %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	hostPort2 := freePort(t)
+	if out := ctl("add-ports", fmt.Sprintf("127.0.0.1:%d:%d/tcp", hostPort2, childPort)); strings.TrimSpace(out) != "2" {
+		t.Errorf("rootlessctl add-ports printed %q, want the ID 2", out)
+	}
+	addr2 := fmt.Sprintf("127.0.0.1:%d", hostPort2)
+	if got, err := roundTrip(addr2, "two"); err != nil || got != "echo:two" {
+		t.Fatalf("through the port rootlessctl added: %q, %v", got, err)
+	}
+	list := ctl("list-ports")
+	var rows []string
+	for _, line := range strings.Split(strings.TrimSpace(list), "\n") {
+		rows = append(rows, strings.Join(strings.Fields(line), " "))
+	}
+	wantRows := []string{
+		"ID PROTO PARENTIP PARENTPORT CHILDIP CHILDPORT",
+		fmt.Sprintf("1 tcp 127.0.0.1 %d %d", hostPort, childPort),
+		fmt.Sprintf("2 tcp 127.0.0.1 %d %d", hostPort2, childPort),
+	}
+	if strings.Join(rows, "\n") != strings.Join(wantRows, "\n") {
+		t.Errorf("rootlessctl list-ports:\n%s\nwant rows:\n%s", list, strings.Join(wantRows, "\n"))
+	}
+	if info := ctl("info"); !strings.Contains(info, "builtin") {
+		t.Errorf("rootlessctl info:\n%s", info)
+	}
+
+	// Kill the forwarder: both ports come back, with their IDs.
+	fwd := readProcess(t, dir, state.ForwarderFile)
+	syscall.Kill(fwd.PID, syscall.SIGKILL)
+	killed := time.Now()
+	for {
+		got1, err1 := roundTrip(addr, "a")
+		got2, err2 := roundTrip(addr2, "b")
+		if err1 == nil && err2 == nil && got1 == "echo:a" && got2 == "echo:b" {
+			break
+		}
+		if time.Since(killed) > 15*time.Second {
+			log, _ := os.ReadFile(filepath.Join(dir, state.LogFile))
+			t.Fatalf("ports not back 15 s after SIGKILL (%v, %v); log:\n%s", err1, err2, log)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	back := time.Since(killed)
+	t.Logf("builtin ports back %v after SIGKILL of the forwarder", back)
+	if back > 2*time.Second {
+		t.Errorf("ports back after %v, want within 2 s", back)
+	}
+
+	ctl("remove-ports", "2")
+	if _, err := roundTrip(addr2, "c"); err == nil {
+		t.Error("port 2 still open after remove-ports")
+	}
+	if list := ctl("list-ports"); strings.Contains(list, strconv.Itoa(hostPort2)) || !strings.Contains(list, strconv.Itoa(hostPort)) {
+		t.Errorf("list-ports after remove:\n%s", list)
+	}
+}

@@ -252,7 +252,11 @@ func forwarderMain(dir string, restore bool) int {
 	d.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+	// Not SIGPIPE: an ignored signal stays ignored across exec, and pasta
+	// (Debian 12's build) dies with "Couldn't install signal handlers" when
+	// it finds SIGPIPE already ignored. Go itself only dies of SIGPIPE on
+	// fds 1 and 2, which here go to the log file.
+	signal.Ignore(syscall.SIGHUP)
 	sent := false
 	err = run(ctx, cfg, func() {
 		readyW.WriteString("ok\n")
@@ -302,7 +306,11 @@ func superviseMain(dir string) int {
 	}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+	// Not SIGPIPE: an ignored signal stays ignored across exec, and pasta
+	// (Debian 12's build) dies with "Couldn't install signal handlers" when
+	// it finds SIGPIPE already ignored. Go itself only dies of SIGPIPE on
+	// fds 1 and 2, which here go to the log file.
+	signal.Ignore(syscall.SIGHUP)
 
 	stopAll := func(c *child) int {
 		if c != nil {
