@@ -1,4 +1,4 @@
-package state
+package state_test
 
 import (
 	"errors"
@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/portkit/portkit/internal/testenv"
+	. "github.com/portkit/portkit/libport/state"
 )
 
 func TestMain(m *testing.M) {
@@ -179,12 +180,12 @@ func TestReadFileRefusesFIFOAndHugeFiles(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("ReadFile blocked on a FIFO")
 	}
-	big := make([]byte, maxFileSize+1)
+	big := make([]byte, MaxFileSize+1)
 	if err := os.WriteFile(d.Join(PortsFile), big, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := d.ReadFile(PortsFile); err == nil {
-		t.Errorf("read a file larger than maxFileSize")
+		t.Errorf("read a file larger than MaxFileSize")
 	}
 }
 
@@ -275,8 +276,8 @@ func TestProcessLivenessSurvivesPIDReuseAndZombies(t *testing.T) {
 	if !p.WaitGone(5 * time.Second) {
 		t.Fatal("killed process still alive")
 	}
-	if st, _ := readStat(p.PID); st.state != 'Z' {
-		t.Logf("state %c (expected a zombie before Wait)", st.state)
+	if st := ProcState(p.PID); st != 'Z' {
+		t.Logf("state %c (expected a zombie before Wait)", st)
 	}
 	if p.Alive() {
 		t.Error("zombie reported alive")
