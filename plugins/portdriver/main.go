@@ -151,7 +151,16 @@ func publish(cfg *Config, args *skel.CmdArgs, rec *attachment.Record, usernetRec
 		ctx, cancel := context.WithTimeout(context.Background(), apiTimeout)
 		defer cancel()
 		c := api.NewClient(rec.APISocket)
+		// pasta's ports are in usernet's table from the start (implicit):
+		// those are published already and go away with usernet's forwarder.
+		have, err := c.ListPorts(ctx)
+		if err != nil {
+			return fmt.Errorf("portdriver ADD: list the ports of usernet's forwarder on %s: %w", rec.APISocket, err)
+		}
 		for _, s := range specs {
+			if published(have, s) {
+				continue
+			}
 			st, err := c.AddPort(ctx, s)
 			if err != nil {
 				return fmt.Errorf("portdriver ADD: publish host port %s (%s) through usernet's forwarder: %w", portName(s), s, err)
@@ -176,6 +185,16 @@ func publish(cfg *Config, args *skel.CmdArgs, rec *attachment.Record, usernetRec
 		return fmt.Errorf("portdriver ADD: publish %s with the %s driver: %w", portNames(specs), cfg.Driver, err)
 	}
 	return nil
+}
+
+// published reports whether the table holds s (same protocol, addresses and ports).
+func published(have []libport.Status, s libport.Spec) bool {
+	for _, p := range have {
+		if p.Spec == s {
+			return true
+		}
+	}
+	return false
 }
 
 func portName(s libport.Spec) string {
