@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/portkit/portkit/libport"
 )
 
@@ -78,6 +80,18 @@ func startPasta(ctx context.Context, cfg *Config) (*Network, error) {
 	args = append(args, portArgs...)
 	if userns != nil {
 		args = append(args, "--userns=/proc/self/fd/3")
+	}
+	if os.Geteuid() == 0 {
+		// pasta started as root switches to nobody, who cannot join the
+		// child's namespaces; run it as the owner of the child's user
+		// namespace instead (root for a netns in our own user namespace).
+		owner := 0
+		if userns != nil {
+			if uid, err := unix.IoctlGetUint32(int(userns.Fd()), unix.NS_GET_OWNER_UID); err == nil {
+				owner = int(uid)
+			}
+		}
+		args = append(args, "--runas="+strconv.Itoa(owner))
 	}
 	args = append(args, "--netns="+cfg.NetnsPath)
 
