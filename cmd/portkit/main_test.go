@@ -93,3 +93,26 @@ func TestUsageErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestParseFlagsInterspersed: flags may follow arguments (add-ports SPEC
+// --json), and "--" ends the flags.
+func TestParseFlagsInterspersed(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		json bool
+		rest []string
+	}{
+		{[]string{"a", "--json", "b"}, true, []string{"a", "b"}},
+		{[]string{"--json", "a"}, true, []string{"a"}},
+		{[]string{"a", "b"}, false, []string{"a", "b"}},
+		{[]string{"a", "--", "--json", "b"}, false, []string{"a", "--json", "b"}},
+		{[]string{"--", "-1"}, false, []string{"-1"}},
+		{nil, false, nil},
+	} {
+		fs, f := newAPIFlags("test", true)
+		rest, err := parseFlags(fs, "", tc.args)
+		if err != nil || f.json != tc.json || strings.Join(rest, " ") != strings.Join(tc.rest, " ") {
+			t.Errorf("parseFlags(%q) = %q, json %v, %v; want %q, json %v", tc.args, rest, f.json, err, tc.rest, tc.json)
+		}
+	}
+}
