@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"syscall"
@@ -43,6 +44,23 @@ func setup(t testing.TB, opts Options) (*Driver, *testenv.Netns) {
 	}
 	t.Cleanup(func() { d.Close() })
 	return d, n
+}
+
+func setnsSource(t testing.TB, path string) netns.SocketSource {
+	t.Helper()
+	src, err := netns.NewSetnsSource(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	return src
+}
+
+// failingSysctl is a real socket source whose sysctl writes are refused.
+type failingSysctl struct{ netns.SocketSource }
+
+func (failingSysctl) Sysctl(key, value string) error {
+	return fmt.Errorf("sysctl %s=%s: %w", key, value, os.ErrPermission)
 }
 
 // freePort returns a port nothing listens on in the host netns for network.
