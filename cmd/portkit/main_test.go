@@ -1,7 +1,9 @@
 package main
 
 import (
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -114,5 +116,20 @@ func TestParseFlagsInterspersed(t *testing.T) {
 		if err != nil || f.json != tc.json || strings.Join(rest, " ") != strings.Join(tc.rest, " ") {
 			t.Errorf("parseFlags(%q) = %q, json %v, %v; want %q, json %v", tc.args, rest, f.json, err, tc.rest, tc.json)
 		}
+	}
+}
+
+// TestRootlesskitName: installed as `rootlesskit` (a symlink), portkit is
+// `portkit run`, as containerd-rootless.sh calls it with run's flags and no verb.
+func TestRootlesskitName(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	bin := testenv.Binary(t, "portkit")
+	link := filepath.Join(u.Dir(t), "rootlesskit")
+	if err := os.Symlink(bin, link); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code := runAs(t, u, nil, link, "--help")
+	if code != 0 || !strings.Contains(out+errOut, "Usage: portkit run") {
+		t.Fatalf("rootlesskit --help: exit %d, %q %q; want run's usage", code, out, errOut)
 	}
 }
