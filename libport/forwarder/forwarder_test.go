@@ -476,6 +476,8 @@ func TestSpawnDetachesAsUnprivilegedUser(t *testing.T) {
 			t.Errorf("pid %d stdio = %q %q %q, want /dev/null and the log", p.PID, fds[0], fds[1], fds[2])
 		}
 	}
+	t.Logf("supervisor VmRSS %d KiB (RssAnon %d KiB); forwarder, none driver, VmRSS %d KiB (RssAnon %d KiB)",
+		statusKiB(sup.PID, "VmRSS"), statusKiB(sup.PID, "RssAnon"), statusKiB(fwd.PID, "VmRSS"), statusKiB(fwd.PID, "RssAnon"))
 	if m := fileMode(t, dir); m.Perm() != 0o700 {
 		t.Errorf("state dir mode %v", m)
 	}
@@ -525,13 +527,20 @@ func TestSupervisorRestartsKilledForwarder(t *testing.T) {
 	r.spawn(t, Config{StateDir: dir, PortDriver: "none"})
 	before, _ := os.ReadFile(filepath.Join(dir, state.PortsFile))
 
+	// Hold the supervisor (SIGSTOP) so that the outage lasts long enough
+	// for Check to see it, then let it go and time the recovery.
+	sup := readProcess(t, dir, state.SupervisorPID)
 	fwd := readProcess(t, dir, state.ForwarderFile)
+	syscall.Kill(sup.PID, syscall.SIGSTOP)
 	if err := syscall.Kill(fwd.PID, syscall.SIGKILL); err != nil {
+		syscall.Kill(sup.PID, syscall.SIGCONT)
 		t.Fatal(err)
 	}
-	killed := time.Now()
 	fwd.WaitGone(2 * time.Second)
-	if out, err := r.run(t, "check", dir); err == nil || !strings.Contains(out, "not running") {
+	out, err := r.run(t, "check", dir)
+	syscall.Kill(sup.PID, syscall.SIGCONT)
+	killed := time.Now()
+	if err == nil || !strings.Contains(out, "not running") || !strings.Contains(out, "restarting") {
 		t.Errorf("Check during the outage: %v %q", err, out)
 	}
 	var back time.Duration
@@ -549,7 +558,7 @@ func TestSupervisorRestartsKilledForwarder(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	t.Logf("forwarder back %v after SIGKILL", back)
+	t.Logf("forwarder back %v after the supervisor resumed", back)
 	if back > 2*time.Second {
 		t.Errorf("forwarder back after %v, want within 2 s", back)
 	}
@@ -818,4 +827,16 @@ func TestBuiltinPublishesIntoChildNetnsAsUser(t *testing.T) {
 	if list := ctl("list-ports"); strings.Contains(list, strconv.Itoa(hostPort2)) || !strings.Contains(list, strconv.Itoa(hostPort)) {
 		t.Errorf("list-ports after remove:\n%s", list)
 	}
+}
+
+// statusKiB reads a "Field:  N kB" line of /proc/PID/status.
+func statusKiB(pid int, field string) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, field+":"); ok {
+			n, _ := strconv.Atoi(strings.Fields(rest)[0])
+			return n
+		}
+	}
+	return -1
 }
