@@ -21,7 +21,10 @@ import (
 	"github.com/portkit/portkit/libport/netns"
 )
 
-func TestMain(m *testing.M) { testenv.Main(m) }
+func TestMain(m *testing.M) {
+	runRole()
+	testenv.Main(m)
+}
 
 // setup makes a child netns owned by the test user and a driver (in this
 // process, as root, with the setns source) publishing into it.
