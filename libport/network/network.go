@@ -17,6 +17,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"strings"
 	"sync"
 	"syscall"
@@ -374,7 +375,7 @@ func (n *Network) launch(cmd *exec.Cmd) error {
 	}
 	pidfd := -1
 	cmd.SysProcAttr.PidFD = &pidfd
-	if err := cmd.Start(); err != nil {
+	if err := startWithDefaultSIGPIPE(cmd.Start); err != nil {
 		return fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	n.cmd, n.PID, n.pidfd = cmd, cmd.Process.Pid, pidfd
@@ -387,6 +388,29 @@ func (n *Network) launch(cmd *exec.Cmd) error {
 		close(n.done)
 	}()
 	return nil
+}
+
+// sigpipeMu serializes starts that briefly stop ignoring SIGPIPE.
+var sigpipeMu sync.Mutex
+
+// startWithDefaultSIGPIPE runs start so that the new process begins with
+// SIGPIPE at its default disposition even when this process ignores it (the
+// forwarder calls signal.Ignore(SIGPIPE)). An ignored signal stays ignored
+// across exec, and Debian 12's pasta (2023-03-09) checks the old handler
+// that signal(SIGPIPE, SIG_IGN) returns as if it were an error: with SIG_IGN
+// inherited it exits with "Couldn't install signal handlers". Go resets
+// only the signals it handles to SIG_DFL in the child, and signal.Reset does
+// not undo signal.Ignore, so SIGPIPE is handled (Notify) while start forks.
+func startWithDefaultSIGPIPE(start func() error) error {
+	sigpipeMu.Lock()
+	defer sigpipeMu.Unlock()
+	if !signal.Ignored(syscall.SIGPIPE) {
+		return start()
+	}
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, syscall.SIGPIPE)
+	defer signal.Ignore(syscall.SIGPIPE) // ignored again, and c unregistered
+	return start()
 }
 
 // failed stops what was started and wraps err with the tool's stderr.
