@@ -111,14 +111,16 @@ func TestRunChildReachesHostLoopback(t *testing.T) {
 			requireRunTools(t, netMode)
 			u := testenv.Unprivileged(t)
 			port := runHostServer(t, "hello from the host")
+			// The client speaks first: pasta's tap path stalls
+			// server-speaks-first connections until the client sends.
 			code, out, errOut := portkitRunAs(t, u, "--state-dir="+runStateDir(t, u), "--net="+netMode, "--port-driver=none", "--",
-				"busybox", "nc", "10.0.2.2", strconv.Itoa(port))
-			if code != 0 || !strings.Contains(out, "hello from the host") {
+				"sh", "-c", "echo hi | busybox nc -w 3 10.0.2.2 "+strconv.Itoa(port))
+			if !strings.Contains(out, "hello from the host") {
 				t.Fatalf("child -> host 10.0.2.2:%d: exit %d, stdout %q, stderr %q", port, code, out, errOut)
 			}
 			// With --disable-host-loopback the same connection must fail.
 			code, out, _ = portkitRunAs(t, u, "--state-dir="+runStateDir(t, u), "--net="+netMode, "--port-driver=none", "--disable-host-loopback", "--",
-				"busybox", "nc", "-w", "2", "10.0.2.2", strconv.Itoa(port))
+				"sh", "-c", "echo hi | busybox nc -w 2 10.0.2.2 "+strconv.Itoa(port))
 			if strings.Contains(out, "hello from the host") {
 				t.Fatalf("--disable-host-loopback: the child still reached the host's loopback (exit %d)", code)
 			}

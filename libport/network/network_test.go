@@ -92,6 +92,8 @@ func dialMain(addr string) int {
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
+	// Speak first: pasta's tap path stalls server-speaks-first connections.
+	io.WriteString(c, "hi\n")
 	b, err := io.ReadAll(c)
 	os.Stdout.Write(b)
 	if err != nil {
