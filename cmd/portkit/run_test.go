@@ -98,6 +98,10 @@ func runHostServer(t *testing.T, greeting string) int {
 			if err != nil {
 				return
 			}
+			// Read the client's line first: closing with unread data
+			// would reset the connection under the greeting.
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			bufio.NewReader(c).ReadString('\n')
 			io.WriteString(c, greeting)
 			c.Close()
 		}
@@ -367,7 +371,7 @@ func TestRunAsRoot(t *testing.T) {
 	sd := filepath.Join(t.TempDir(), "state")
 	port := runHostServer(t, "hello root")
 	out, err := exec.Command("timeout", "60", bin, "run", "--state-dir="+sd, "--net=slirp4netns", "--port-driver=slirp4netns", "--",
-		"sh", "-c", fmt.Sprintf("busybox nc 10.0.2.2 %d; id -u; exit 5", port)).Output()
+		"sh", "-c", fmt.Sprintf("echo hi | busybox nc -w 3 10.0.2.2 %d; id -u; exit 5", port)).Output()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 5 {
 		t.Fatalf("exit: %v, want 5", err)

@@ -175,8 +175,16 @@ func startAgent(t *testing.T, u *testenv.User, cfg Config) *agent {
 	}
 	pid := a.report.PID
 	t.Cleanup(func() {
-		if processAlive(pid) {
-			t.Errorf("%s (pid %d) still running at the end of the test", cfg.Backend, pid)
+		// Whatever happened in the test, the agent's death must take the
+		// network process with it.
+		a.cmd.Process.Kill()
+		deadline := time.Now().Add(3 * time.Second)
+		for processAlive(pid) {
+			if time.Now().After(deadline) {
+				t.Errorf("%s (pid %d) still running at the end of the test", cfg.Backend, pid)
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 	})
 	return a
@@ -220,6 +228,8 @@ func parentServer(t *testing.T) int {
 			if err != nil {
 				return
 			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			bufio.NewReader(c).ReadString('\n')
 			io.WriteString(c, "hello from the parent")
 			c.Close()
 		}
