@@ -6,6 +6,7 @@ import (
 
 	"github.com/portkit/portkit/libport"
 	"github.com/portkit/portkit/libport/builtin"
+	"github.com/portkit/portkit/libport/implicit"
 	"github.com/portkit/portkit/libport/netns"
 	"github.com/portkit/portkit/libport/slirp4netns"
 )
@@ -56,7 +57,7 @@ func (f *forwarder) newDriver() (libport.Driver, error) {
 		if f.net == nil || f.net.Backend != "pasta" {
 			return nil, fmt.Errorf("no pasta to report: the implicit driver needs --net pasta started by this forwarder")
 		}
-		return implicitDriver(f.netCfg.Ports)
+		return implicit.New(f.netCfg.Ports), nil
 	case "socat":
 		return nil, fmt.Errorf("not available in this build yet")
 	}
