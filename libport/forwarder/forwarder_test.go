@@ -311,6 +311,9 @@ func TestSecondForwarderOnOneStateDirIsRefused(t *testing.T) {
 		t.Fatalf("second Run: %v", err)
 	}
 	if _, err := Spawn(Config{StateDir: dir, PortDriver: "none"}); err == nil || !strings.Contains(err.Error(), "already served") {
+		if err == nil {
+			Stop(dir) // never leave a stray supervisor behind
+		}
 		t.Fatalf("Spawn on a served dir: %v", err)
 	}
 	// The first one is untouched.
