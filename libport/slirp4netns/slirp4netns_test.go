@@ -1,15 +1,12 @@
 package slirp4netns
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -77,104 +74,6 @@ func (s *slirp) list(t *testing.T) []hostfwd {
 	return list
 }
 
-// tcpServer answers each connection with the client address it sees, then echoes.
-func tcpServer(t *testing.T, l net.Listener) {
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
-}
-
-// udpServer replies to each datagram with the client address it sees and the datagram.
-func udpServer(t *testing.T, c net.PacketConn) {
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := c.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			reply := fmt.Sprintf("%s %s", from.(*net.UDPAddr).IP, buf[:n])
-			_, _ = c.WriteTo([]byte(reply), from)
-		}
-	}()
-}
-
-// tcpRoundTrip dials addr, returns the client address the server reported,
-// and checks an echo.
-func tcpRoundTrip(dial func(network, addr string) (net.Conn, error), addr string) (string, error) {
-	c, err := dial("tcp4", addr)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	r := bufio.NewReader(c)
-	seen, err := r.ReadString('\n')
-	if err != nil {
-		return "", fmt.Errorf("read greeting: %w", err)
-	}
-	if _, err := io.WriteString(c, "ping\n"); err != nil {
-		return "", err
-	}
-	echo, err := r.ReadString('\n')
-	if err != nil || echo != "ping\n" {
-		return "", fmt.Errorf("echo: got %q, %v", echo, err)
-	}
-	return strings.TrimSpace(seen), nil
-}
-
-// udpRoundTrip sends one datagram (retrying: UDP may be lost) and returns the
-// client address the server reported.
-func udpRoundTrip(c net.PacketConn, to net.Addr) (string, error) {
-	buf := make([]byte, 2048)
-	for i := 0; i < 10; i++ {
-		if _, err := c.WriteTo([]byte("ping"), to); err != nil {
-			return "", err
-		}
-		_ = c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-		n, _, err := c.ReadFrom(buf)
-		if err != nil {
-			continue
-		}
-		seen, msg, _ := strings.Cut(string(buf[:n]), " ")
-		if msg != "ping" {
-			return "", fmt.Errorf("udp reply %q", buf[:n])
-		}
-		return seen, nil
-	}
-	return "", errors.New("no UDP reply after 10 tries")
-}
-
-// freePort returns a port that is free for both TCP and UDP on 0.0.0.0 right now.
-func freePort(t *testing.T) int {
-	t.Helper()
-	for i := 0; i < 50; i++ {
-		l, err := net.Listen("tcp4", "0.0.0.0:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		u, err := net.ListenPacket("udp4", "0.0.0.0:"+strconv.Itoa(port))
-		l.Close()
-		if err == nil {
-			u.Close()
-			return port
-		}
-	}
-	t.Fatal("no free port")
-	return 0
-}
-
 // TestPublishThroughSlirp4netnsAsUnprivilegedUser drives a rootless
 // slirp4netns through the driver running as the same unprivileged user.
 func TestPublishThroughSlirp4netnsAsUnprivilegedUser(t *testing.T) {
@@ -190,13 +89,13 @@ func TestPublishThroughSlirp4netnsAsUnprivilegedUser(t *testing.T) {
 	}
 
 	tl := testenv.Listen(t, s.ns.Path, "tcp4", "0.0.0.0:0")
-	tcpServer(t, tl)
+	drivertest.ServeTCP(t, tl)
 	uc := testenv.ListenPacket(t, s.ns.Path, "udp4", "0.0.0.0:0")
-	udpServer(t, uc)
+	drivertest.ServeUDP(t, uc)
 	childTCP := tl.Addr().(*net.TCPAddr).Port
 	childUDP := uc.LocalAddr().(*net.UDPAddr).Port
 
-	tcpPort, udpPort := freePort(t), freePort(t)
+	tcpPort, udpPort := drivertest.FreePort(t), drivertest.FreePort(t)
 	tcpSt, err := table.Add(ctx, libport.Spec{Proto: "tcp", ParentPort: tcpPort, ChildPort: childTCP})
 	if err != nil {
 		t.Fatalf("add tcp: %v", err)
@@ -223,7 +122,7 @@ func TestPublishThroughSlirp4netnsAsUnprivilegedUser(t *testing.T) {
 	}
 
 	// A loopback client is seen as slirp4netns's gateway.
-	seen, err := tcpRoundTrip(net.Dial, fmt.Sprintf("127.0.0.1:%d", tcpPort))
+	seen, err := drivertest.TCPRoundTrip(net.Dial, "tcp4", fmt.Sprintf("127.0.0.1:%d", tcpPort))
 	if err != nil {
 		t.Fatalf("tcp via 127.0.0.1: %v", err)
 	}
@@ -235,7 +134,7 @@ func TestPublishThroughSlirp4netnsAsUnprivilegedUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer lc.Close()
-	seen, err = udpRoundTrip(lc, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: udpPort})
+	seen, err = drivertest.UDPRoundTrip(lc, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: udpPort})
 	if err != nil {
 		t.Fatalf("udp via 127.0.0.1: %v", err)
 	}
@@ -245,7 +144,7 @@ func TestPublishThroughSlirp4netnsAsUnprivilegedUser(t *testing.T) {
 
 	// A client on another address keeps its address.
 	peer := testenv.NewPeer(t)
-	seen, err = tcpRoundTrip(peer.Dial, fmt.Sprintf("%s:%d", peer.LocalIP4, tcpPort))
+	seen, err = drivertest.TCPRoundTrip(peer.Dial, "tcp4", fmt.Sprintf("%s:%d", peer.LocalIP4, tcpPort))
 	if err != nil {
 		t.Fatalf("tcp from peer: %v", err)
 	}
@@ -257,7 +156,7 @@ func TestPublishThroughSlirp4netnsAsUnprivilegedUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pc.Close()
-	seen, err = udpRoundTrip(pc, &net.UDPAddr{IP: peer.LocalIP4, Port: udpPort})
+	seen, err = drivertest.UDPRoundTrip(pc, &net.UDPAddr{IP: peer.LocalIP4, Port: udpPort})
 	if err != nil {
 		t.Fatalf("udp from peer: %v", err)
 	}
@@ -303,7 +202,7 @@ func TestSlirp4netnsRefusesWhatItCannotForward(t *testing.T) {
 	}
 	defer held.Close()
 	heldPort := held.Addr().(*net.TCPAddr).Port
-	port := freePort(t)
+	port := drivertest.FreePort(t)
 
 	for _, tc := range []struct {
 		spec libport.Spec
@@ -337,7 +236,7 @@ func TestSlirp4netnsRefusesWhatItCannotForward(t *testing.T) {
 	}
 
 	// Close removes what the driver added; the driver refuses work after.
-	for i, p := range []int{freePort(t), freePort(t)} {
+	for i, p := range []int{drivertest.FreePort(t), drivertest.FreePort(t)} {
 		if err := drv.Add(ctx, 10+i, libport.Spec{Proto: "tcp4", ParentIP: "127.0.0.1", ParentPort: p, ChildPort: 80}); err != nil {
 			t.Fatal(err)
 		}
@@ -367,7 +266,7 @@ func TestRemoveLeavesOthersForwardAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	p1, p2 := freePort(t), freePort(t)
+	p1, p2 := drivertest.FreePort(t), drivertest.FreePort(t)
 	if err := d.Add(ctx, 1, libport.Spec{Proto: "tcp", ParentIP: "127.0.0.1", ParentPort: p1, ChildPort: 80}); err != nil {
 		t.Fatal(err)
 	}
