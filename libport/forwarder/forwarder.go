@@ -247,8 +247,9 @@ func run(ctx context.Context, cfg Config, ready func(), opts runOptions) (err er
 	case <-netDone:
 		stopServing()
 		<-served
+		netErr := f.net.Err() // read before teardown, which drops f.net
 		f.teardown()
-		return fmt.Errorf("forwarder: %w", f.net.Err())
+		return fmt.Errorf("forwarder: %w", netErr)
 	}
 }
 
