@@ -149,8 +149,17 @@ type agent struct {
 // startAgent runs network.Start as the unprivileged user u.
 func startAgent(t *testing.T, u *testenv.User, cfg Config) *agent {
 	t.Helper()
+	return startAgentIn(t, nil, u, cfg)
+}
+
+// startAgentIn runs network.Start as u inside host (nil: our own netns).
+func startAgentIn(t *testing.T, host *testenv.IsolatedHost, u *testenv.User, cfg Config) *agent {
+	t.Helper()
 	b, _ := json.Marshal(cfg)
 	cmd := u.Cmd(selfBinary(t))
+	if host != nil {
+		cmd = host.Cmd(u, selfBinary(t))
+	}
 	cmd.Env = append(cmd.Env, agentEnv+"="+string(b))
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
@@ -222,6 +231,11 @@ func parentServer(t *testing.T) int {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
+	serveGreeting(l)
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func serveGreeting(l net.Listener) {
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -234,7 +248,6 @@ func parentServer(t *testing.T) int {
 			c.Close()
 		}
 	}()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 // dialFromChild connects from inside ns, as u, and returns what it read.
@@ -346,8 +359,28 @@ func TestDisableHostLoopbackBlocksGateway(t *testing.T) {
 			requireNetworkTools(t, backend)
 			u := testenv.Unprivileged(t)
 			ns := testenv.ChildNetns(t, u)
-			a := startAgent(t, u, Config{Backend: backend, NetnsPath: ns.Path, DisableHostLoopback: true})
-			port := parentServer(t)
+			// Without the mapping, pasta sends gateway traffic to the real
+			// network: run it in a host stand-in whose uplink is a dead end.
+			var host *testenv.IsolatedHost
+			var port int
+			if testenv.IsRoot() {
+				host = testenv.NewIsolatedHost(t)
+				l := testenv.Listen(t, host.Path, "tcp4", "127.0.0.1:0")
+				serveGreeting(l)
+				port = l.Addr().(*net.TCPAddr).Port
+			} else if backend == "pasta" {
+				t.Skip("pasta with --no-map-gw forwards to the real network: needs root for an isolated host namespace")
+			} else {
+				port = parentServer(t)
+			}
+			// Control: without the option the same set-up reaches the server.
+			a := startAgentIn(t, host, u, Config{Backend: backend, NetnsPath: ns.Path})
+			if got, err := dialFromChild(t, u, ns, net.JoinHostPort("10.0.2.2", strconv.Itoa(port))); got != "hello from the parent" {
+				t.Fatalf("control: child did not reach the parent's loopback: %q, %v", got, err)
+			}
+			a.stop(t)
+			ns = testenv.ChildNetns(t, u)
+			a = startAgentIn(t, host, u, Config{Backend: backend, NetnsPath: ns.Path, DisableHostLoopback: true})
 			for _, addr := range []string{"10.0.2.2", "127.0.0.1"} {
 				got, err := dialFromChild(t, u, ns, net.JoinHostPort(addr, strconv.Itoa(port)))
 				if err == nil || got != "" {
