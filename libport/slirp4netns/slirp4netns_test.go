@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"sync"
 	"strings"
 	"syscall"
 	"testing"
@@ -28,6 +30,7 @@ func TestMain(m *testing.M) {
 type slirp struct {
 	ns     *testenv.Netns
 	socket string
+	cmd    *exec.Cmd
 }
 
 // startSlirp4netns attaches slirp4netns (rootless, as u) to a new child
@@ -55,7 +58,7 @@ func startSlirp4netns(t *testing.T, u *testenv.User) *slirp {
 	if _, err := readyR.Read(b); err != nil || b[0] != '1' {
 		t.Fatalf("slirp4netns not ready: %v (%q)\n%s", err, b, log)
 	}
-	return &slirp{ns: ns, socket: socket}
+	return &slirp{ns: ns, socket: socket, cmd: cmd}
 }
 
 // list asks slirp4netns itself (not our driver) what it forwards.
@@ -351,5 +354,44 @@ func TestNewRefusesBadChildIP(t *testing.T) {
 	f, err := d.forward(libport.Spec{Proto: "udp", ParentPort: 53, ChildPort: 5353})
 	if err != nil || f.GuestAddr != "10.0.2.50" || f.HostAddr != "0.0.0.0" || f.Proto != "udp" {
 		t.Fatalf("forward = %+v, %v", f, err)
+	}
+}
+
+// TestConcurrentAddsAndCloseAfterSlirp4netnsDied: adds from many goroutines
+// all land with distinct slirp4netns IDs; once slirp4netns is gone (and its
+// forwards with it) Close has nothing to complain about.
+func TestConcurrentAddsAndCloseAfterSlirp4netnsDied(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	s := startSlirp4netns(t, u)
+	d, err := New(s.socket, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 20
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := 0; i < n; i++ {
+		port := drivertest.FreePort(t)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = d.Add(context.Background(), i+1, libport.Spec{Proto: "udp", ParentIP: "127.0.0.1", ParentPort: port, ChildPort: 53})
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	for _, f := range s.list(t) {
+		seen[f.ID] = true
+	}
+	if len(seen) != n {
+		t.Fatalf("slirp4netns holds %d forwards, want %d", len(seen), n)
+	}
+	_ = s.cmd.Process.Kill()
+	_, _ = s.cmd.Process.Wait()
+	if err := d.Close(); err != nil {
+		t.Fatalf("Close after slirp4netns died: %v", err)
 	}
 }
