@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/portkit/portkit/internal/testenv"
 	"github.com/portkit/portkit/libport"
 	"github.com/portkit/portkit/libport/netns"
@@ -515,4 +517,46 @@ func TestParseSourceIP(t *testing.T) {
 			t.Errorf("ParseSourceIP(%q) succeeded", bad)
 		}
 	}
+}
+
+// TestClientConnectionsKeepAlive: keep-alive is set once on the listener;
+// the kernel copies it into every accepted socket.
+func TestClientConnectionsKeepAlive(t *testing.T) {
+	d, n := setup(t, Options{})
+	l := testenv.Listen(t, n.Path, "tcp4", "127.0.0.1:0")
+	serve(l, echo)
+	spec, id := publish(t, d, libport.Spec{Proto: "tcp", ChildPort: childPort(l.Addr())})
+	c, err := net.Dial("tcp4", hostPort("127.0.0.1", spec.ParentPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTripConn(t, c)
+	p := d.ports[id].(*tcpPort)
+	p.mu.Lock()
+	var conn *tcpConn
+	for k := range p.conns {
+		conn = k
+	}
+	p.mu.Unlock()
+	rc, err := conn.parent.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) {
+		for _, o := range []struct {
+			level, opt, want int
+			name             string
+		}{
+			{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1, "SO_KEEPALIVE"},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle, "TCP_KEEPIDLE"},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval, "TCP_KEEPINTVL"},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount, "TCP_KEEPCNT"},
+			{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1, "TCP_NODELAY"},
+		} {
+			if v, err := unix.GetsockoptInt(int(fd), o.level, o.opt); err != nil || v != o.want {
+				t.Errorf("accepted socket: %s = %d, %v; want %d", o.name, v, err, o.want)
+			}
+		}
+	})
 }

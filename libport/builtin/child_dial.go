@@ -106,22 +106,24 @@ func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int) (*os.Fil
 	}
 	var cerr error
 	err = rc.Write(func(fd uintptr) bool {
+		// A loopback handshake is usually done by now: one call says so.
+		_, err := unix.Getpeername(int(fd))
+		if err == nil {
+			return true
+		}
+		if err != unix.ENOTCONN {
+			cerr = err
+			return true
+		}
+		// Not connected: still under way (SO_ERROR 0), or failed.
 		v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-		if err != nil {
+		switch {
+		case err != nil:
 			cerr = err
-			return true
-		}
-		if v != 0 {
+		case v != 0:
 			cerr = unix.Errno(v)
-			return true
-		}
-		// SO_ERROR is also 0 while the handshake is under way.
-		if _, err := unix.Getpeername(int(fd)); err != nil {
-			if err == unix.ENOTCONN {
-				return false
-			}
-			cerr = err
-			return true
+		default:
+			return false
 		}
 		return true
 	})

@@ -53,6 +53,8 @@ func pump(src, dst syscall.RawConn) (pumpEnd, error) {
 			copyBufs.Put(buf)
 		}
 	}()
+	// Each call tries the syscall first: RawConn.Read resets the poller's
+	// readiness before calling, so only EAGAIN may lead to a wait.
 	fill := func(fd uintptr) bool {
 		for {
 			if p == nil && buf == nil {

@@ -5,7 +5,9 @@ package builtin
 // copy.go).
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -39,7 +41,20 @@ func (d *Driver) addTCP(spec libport.Spec, child netip.AddrPort) (port, error) {
 		d.routing.enableTCP()
 	}
 	network, addr := listenNetwork(spec)
-	l, err := net.Listen(network, addr)
+	lc := net.ListenConfig{
+		// Keep-alive is set once on the listener, which accepted sockets
+		// inherit, instead of four setsockopt calls per connection.
+		KeepAlive: -1,
+		Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) { serr = setKeepAlive(int(fd)) })
+			if err != nil {
+				return err
+			}
+			return serr
+		},
+	}
+	l, err := lc.Listen(context.Background(), network, addr)
 	if err != nil {
 		return nil, annotateListenError(err, network, addr, spec.ParentPort)
 	}
@@ -48,6 +63,29 @@ func (d *Driver) addTCP(spec libport.Spec, child netip.AddrPort) (port, error) {
 	p.wg.Add(1)
 	go p.accept()
 	return p, nil
+}
+
+// Keep-alive on client connections, as Go sets it by default (15 s idle, 15 s
+// between 9 probes): the service cannot see a dead client through the proxy,
+// so the proxy must notice and pass the end on.
+const (
+	keepAliveIdle     = 15
+	keepAliveInterval = 15
+	keepAliveCount    = 9
+)
+
+func setKeepAlive(fd int) error {
+	for _, o := range []struct{ level, opt, v int }{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount},
+	} {
+		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.v); err != nil {
+			return fmt.Errorf("keep-alive on the listener: %w", err)
+		}
+	}
+	return nil
 }
 
 func (p *tcpPort) accept() {

@@ -16,7 +16,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -60,6 +62,9 @@ func runRole() {
 func roleForwarder(args []string) error {
 	if len(args) < 3 {
 		return fmt.Errorf("usage: NETNS helper|open SOURCEIP SPEC...")
+	}
+	if n, _ := strconv.Atoi(os.Getenv("PORTKIT_FORWARDER_GOMAXPROCS")); n > 0 {
+		runtime.GOMAXPROCS(n)
 	}
 	var src netns.SocketSource
 	var err error
