@@ -60,15 +60,19 @@ func contenders() []contender {
 	return []contender{
 		{name: "direct", quick: true, direct: true, start: startDirect},
 		{name: "direct-peer", peer: true, direct: true, start: startDirect},
-		{name: "portkit-builtin", quick: true, portkit: []string{"--port-driver", "builtin", "--netns"},
+		{name: "portkit-builtin", quick: true, portkit: []string{"-port-driver", "builtin", "-netns"},
 			start: startPortkit("builtin")},
-		{name: "portkit-builtin-srcip", peer: true, portkit: []string{"--port-driver", "builtin", "--netns"},
-			start: startPortkit("builtin")},
-		{name: "portkit-slirp4netns", needs: []string{"slirp4netns"}, portkit: []string{"--port-driver", "slirp4netns", "--net"},
+		// Clients from a veth peer, so the builtin driver's source-IP
+		// transparency is exercised (loopback clients are always dialed plainly).
+		{name: "portkit-builtin-srcip", peer: true, portkit: []string{"-port-driver", "builtin", "-source-ip"},
+			start: startPortkit("builtin", "--source-ip", "tcp,udp")},
+		{name: "portkit-builtin-nosrcip", peer: true, portkit: []string{"-port-driver", "builtin", "-source-ip"},
+			start: startPortkit("builtin", "--source-ip", "none")},
+		{name: "portkit-slirp4netns", needs: []string{"slirp4netns"}, portkit: []string{"-port-driver", "slirp4netns", "-net"},
 			start: startPortkit("slirp4netns", "--net", "slirp4netns")},
-		{name: "portkit-implicit", needs: []string{"pasta"}, portkit: []string{"--port-driver", "implicit", "--net", "--publish"},
+		{name: "portkit-implicit", needs: []string{"pasta"}, portkit: []string{"-port-driver", "implicit", "-net", "pasta"},
 			start: startPortkit("implicit", "--net", "pasta")},
-		{name: "portkit-socat", needs: []string{"socat"}, portkit: []string{"--port-driver", "socat", "--netns"},
+		{name: "portkit-socat", needs: []string{"socat"}, portkit: []string{"-port-driver", "socat"},
 			start: startPortkit("socat")},
 		{name: "rootlesskit-builtin", quick: true, needs: []string{"rootlesskit", "rootlessctl", "slirp4netns"},
 			start: startRootlessKit("builtin")},
@@ -131,7 +135,7 @@ func startPortkit(driver string, extra ...string) func(*env, *scope, []mapping) 
 		if driver == "implicit" {
 			// pasta forwards only what it was started with.
 			for _, m := range ports {
-				args = append(args, "--publish", m.spec())
+				args = append(args, "-p", m.spec())
 			}
 		}
 		cmd := e.user.Cmd(portkit, args...)

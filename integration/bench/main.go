@@ -154,7 +154,15 @@ func benchMain(cfg config) error {
 		}
 	}
 	bn.results.took = time.Since(started)
-	return bn.results.write(cfg.out, os.Stdout)
+	if err := bn.results.write(cfg.out, os.Stdout); err != nil {
+		return err
+	}
+	// A contender that fails is a finding, printed in the table; direct
+	// failing means the harness itself is broken.
+	if st := bn.results.status["direct"]; strings.HasPrefix(st, "failed") {
+		return fmt.Errorf("the direct baseline failed, so the harness is broken: %s", st)
+	}
+	return nil
 }
 
 // unavailable says why c cannot run on this machine, or "".
@@ -180,6 +188,7 @@ func (bn *bench) once(c contender, withMemory bool) (err error) {
 	s := &scope{name: c.name}
 	defer s.close()
 	r := bn.results
+	r.peer[c.name] = c.peer
 	cl := client{ip: "127.0.0.1"}
 	if c.peer {
 		var p *testenv.Peer
@@ -224,9 +233,11 @@ func (bn *bench) once(c contender, withMemory bool) (err error) {
 		r.fail(c.name, "servers: "+err.Error())
 		return err
 	}
-	if err := warmUp(cl, tcpHost); err != nil {
+	if failed, err := warmUp(cl, tcpHost); err != nil {
 		r.fail(c.name, "no connection through the published port: "+err.Error())
 		return err
+	} else if failed > 0 {
+		r.note(c.name, fmt.Sprintf("the first %d connection(s) through the new port failed (1 s timeout)", failed))
 	}
 
 	cfg := bn.cfg
@@ -260,20 +271,24 @@ func (bn *bench) once(c contender, withMemory bool) (err error) {
 			r.add(c.name, key+"_p99", lat.percentile(99))
 		}
 	}
-	for _, rate := range cfg.udpRates {
-		bps, loss, err := iperf(cl, iperfHost, cfg.udpSecs, "-u", "-b", rate, "-l", "1400")
-		key := "udp_" + rate
-		note(key, err)
-		if err == nil {
-			r.add(c.name, key, bps/1e6)
-			r.add(c.name, key+"_loss", loss)
-		}
-	}
-	lat, _, err := udpRR(cl, udpHost, cfg.rrDur)
+	// Request/reply first: when no datagram passes, iperf3 -u would only hang.
+	lat, lost, err := udpRR(cl, udpHost, cfg.rrDur)
 	note("udp_rr", err)
 	if err == nil {
 		r.add(c.name, "udp_rr_p50", lat.percentile(50))
 		r.add(c.name, "udp_rr_p99", lat.percentile(99))
+		if lost > 0 {
+			r.note(c.name, fmt.Sprintf("udp_rr: %d requests without a reply within 200 ms", lost))
+		}
+		for _, rate := range cfg.udpRates {
+			bps, loss, err := iperf(cl, iperfHost, cfg.udpSecs, "-u", "-b", rate, "-l", "1400")
+			key := "udp_" + rate
+			note(key, err)
+			if err == nil {
+				r.add(c.name, key, bps/1e6)
+				r.add(c.name, key+"_loss", loss)
+			}
+		}
 	}
 	if withMemory && len(in.roots) > 0 {
 		bn.memory(c.name, in, cl, base, tcpHost)
@@ -365,18 +380,28 @@ func joinHostPort(host string, port int) string {
 	return host + ":" + strconv.Itoa(port)
 }
 
-// warmUp waits until one exchange goes through the published port: some
-// forwarders bind their listener a moment after they return.
-func warmUp(cl client, port int) error {
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		_, _, err := shortConns(cl, port, 1, 50*time.Millisecond)
-		if err == nil {
-			return nil
+// warmUp waits until an exchange goes through the published port: some
+// forwarders bind their listener a moment after they return. It reports how
+// many attempts failed first, since a first connection that hangs is a finding.
+func warmUp(cl client, port int) (failed int, err error) {
+	errc := make(chan error, 1)
+	go func() {
+		if err := cl.enter(); err != nil {
+			errc <- err
+			return
 		}
-		if time.Now().After(deadline) {
-			return err
+		req, resp := make([]byte, msgSize), make([]byte, msgSize)
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := exchange(cl.addr(port), req, resp, time.Second)
+			if err == nil || time.Now().After(deadline) {
+				errc <- err
+				return
+			}
+			failed++
+			time.Sleep(20 * time.Millisecond)
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	}()
+	err = <-errc
+	return failed, err
 }

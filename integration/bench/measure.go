@@ -127,7 +127,7 @@ func shortConns(c client, port, clients int, d time.Duration) (perSec float64, l
 			req, resp := make([]byte, msgSize), make([]byte, msgSize)
 			for time.Now().Before(deadline) {
 				t0 := time.Now()
-				if err := exchange(c.addr(port), req, resp); err != nil {
+				if err := exchange(c.addr(port), req, resp, 5*time.Second); err != nil {
 					badN++
 					lastErr = err
 					time.Sleep(time.Millisecond)
@@ -153,13 +153,13 @@ func shortConns(c client, port, clients int, d time.Duration) (perSec float64, l
 	return float64(done) / d.Seconds(), lat, nil
 }
 
-func exchange(addr string, req, resp []byte) error {
-	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+func exchange(addr string, req, resp []byte, timeout time.Duration) error {
+	conn, err := net.DialTimeout("tcp", addr, timeout)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	_ = conn.SetDeadline(time.Now().Add(timeout))
 	if _, err := conn.Write(req); err != nil {
 		return err
 	}

@@ -60,12 +60,13 @@ type results struct {
 	status map[string]string // "" ok, else "skipped: …" / "failed: …"
 	notes  map[string][]string
 	procs  map[string][]string
+	peer   map[string]bool // clients in a veth peer netns
 	took   time.Duration
 }
 
 func newResults(cfg config) *results {
 	return &results{cfg: cfg, values: map[string]map[string][]float64{}, status: map[string]string{},
-		notes: map[string][]string{}, procs: map[string][]string{}}
+		notes: map[string][]string{}, procs: map[string][]string{}, peer: map[string]bool{}}
 }
 
 func (r *results) seen(name string) {
@@ -112,9 +113,9 @@ func summarize(v []float64) (summary, bool) {
 	return summary{Runs: v, Median: med, Min: s[0], Max: s[len(s)-1]}, true
 }
 
-// baseline is the direct contender matching name's client placement.
-func baseline(name string) string {
-	if strings.HasSuffix(name, "-srcip") || name == "direct-peer" {
+// baseline is the direct contender whose clients sit where name's do.
+func (r *results) baseline(name string) string {
+	if r.peer[name] {
 		return "direct-peer"
 	}
 	return "direct"
@@ -129,7 +130,7 @@ func (r *results) summaries() map[string]map[string]summary {
 			if !ok {
 				continue
 			}
-			if d, ok := summarize(r.values[baseline(name)][m.key]); ok && m.ratio && d.Median > 0 {
+			if d, ok := summarize(r.values[r.baseline(name)][m.key]); ok && m.ratio && d.Median > 0 {
 				s.Ratio, s.RatioMin, s.RatioMax = s.Median/d.Median, s.Min/d.Median, s.Max/d.Median
 			}
 			out[name][m.key] = s
@@ -178,7 +179,7 @@ func (r *results) write(dir string, w io.Writer) error {
 			st = "ok"
 		}
 		doc.Contenders[name] = contenderJSON{Status: st, Notes: r.notes[name], Processes: r.procs[name],
-			Baseline: baseline(name), Metrics: sums[name]}
+			Baseline: r.baseline(name), Metrics: sums[name]}
 	}
 	js, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {
@@ -207,7 +208,7 @@ func (r *results) table(w io.Writer, sums map[string]map[string]summary) {
 	m := machine()
 	fmt.Fprintf(w, "portkit-bench %s, %s, %s CPUs, kernel %s; %d run(s), median (min–max); took %s\n",
 		time.Now().Format("2006-01-02"), m["cpu"], m["cpus"], m["kernel"], r.cfg.runs, r.took.Round(time.Second))
-	fmt.Fprintln(w, "direct columns are absolute; other columns are ratios to direct (to direct-peer for *-srcip), except rows marked [abs]")
+	fmt.Fprintln(w, "direct columns are absolute; other columns are ratios to direct (to direct-peer for contenders whose clients come from a veth peer), except rows marked [abs]")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprint(w, "")
 	fmt.Fprintf(tw, "metric\tunit\t%s\t\n", strings.Join(cols, "\t"))
@@ -224,7 +225,7 @@ func (r *results) table(w io.Writer, sums map[string]map[string]summary) {
 			case !ok:
 				row = append(row, "-")
 				continue
-			case mt.ratio && s.Ratio > 0 && !strings.HasPrefix(name, "direct"):
+			case mt.ratio && s.Ratio > 0 && r.baseline(name) != name:
 				row = append(row, rangeText(s.Ratio, s.RatioMin, s.RatioMax, r.cfg.runs))
 			default:
 				row = append(row, rangeText(s.Median, s.Min, s.Max, r.cfg.runs))
