@@ -61,18 +61,29 @@ func (t *Table) Add(ctx context.Context, spec Spec) (Status, error) {
 	return Status{ID: id, Spec: spec}, nil
 }
 
-// Remove stops forwarding id.
+// Remove stops forwarding id. When the driver refuses (pasta cannot drop a
+// port it was started with), the entry stays: the list shows what is forwarded.
 func (t *Table) Remove(ctx context.Context, id int) error {
 	t.mu.Lock()
-	_, ok := t.ports[id]
+	spec, ok := t.ports[id]
 	if ok {
+		// Pending while the driver works: a second Remove says unknown id,
+		// and a conflicting Add is still refused.
 		delete(t.ports, id)
+		t.pending[id] = spec
 	}
 	t.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("unknown id: %d", id)
 	}
-	return t.driver.Remove(ctx, id)
+	err := t.driver.Remove(ctx, id)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.pending, id)
+	if err != nil {
+		t.ports[id] = spec
+	}
+	return err
 }
 
 // List returns the published ports ordered by ID.

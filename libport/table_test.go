@@ -318,3 +318,32 @@ func TestNoneDriverRefusesWithRootlessKitsMessage(t *testing.T) {
 		t.Fatalf("none driver Info = %+v, want driver none and a non-nil protos list", info)
 	}
 }
+
+// refusingRemover forwards like EchoDriver but cannot stop a port, as pasta
+// cannot drop one it was started with.
+type refusingRemover struct{ *apitest.EchoDriver }
+
+func (refusingRemover) Remove(context.Context, int) error {
+	return fmt.Errorf("this port stays forwarded")
+}
+
+// TestTableRefusedRemoveKeepsTheEntry: when the driver cannot stop a port the
+// entry stays listed (the port still answers) and still blocks conflicts.
+func TestTableRefusedRemoveKeepsTheEntry(t *testing.T) {
+	ctx := context.Background()
+	table := apitest.NewTable(t, refusingRemover{apitest.NewEchoDriver()})
+	s := spec(t, fmt.Sprintf("127.0.0.1:%d:80/tcp", freePort(t)))
+	st, err := table.Add(ctx, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := table.Remove(ctx, st.ID); err == nil || !strings.Contains(err.Error(), "stays forwarded") {
+		t.Fatalf("Remove = %v, want the driver's refusal", err)
+	}
+	if list := table.List(); len(list) != 1 || list[0].ID != st.ID {
+		t.Fatalf("after a refused remove the list is %v, want port %d still there", list, st.ID)
+	}
+	if _, err := table.Add(ctx, s); err == nil || !strings.Contains(err.Error(), "conflicts with port 1") {
+		t.Fatalf("re-adding the kept spec = %v, want a conflict", err)
+	}
+}

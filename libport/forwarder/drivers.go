@@ -9,6 +9,7 @@ import (
 	"github.com/portkit/portkit/libport/implicit"
 	"github.com/portkit/portkit/libport/netns"
 	"github.com/portkit/portkit/libport/slirp4netns"
+	"github.com/portkit/portkit/libport/socat"
 )
 
 // BuiltinOptions tunes the builtin driver: builtin.Options without its
@@ -59,7 +60,12 @@ func (f *forwarder) newDriver() (libport.Driver, error) {
 		}
 		return implicit.New(f.netCfg.Ports), nil
 	case "socat":
-		return nil, fmt.Errorf("not available in this build yet")
+		d, err := socat.New(f.cfg.netnsPath())
+		if err != nil {
+			return nil, err
+		}
+		d.SetLogf(f.opts.logf)
+		return d, nil
 	}
 	return nil, fmt.Errorf("unknown port driver %q", f.cfg.PortDriver)
 }

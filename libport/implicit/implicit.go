@@ -80,7 +80,7 @@ func (d *Driver) Remove(_ context.Context, id int) error {
 	if !ok {
 		return fmt.Errorf("unknown id: %d", id)
 	}
-	delete(d.active, id)
+	// The entry stays: the port table keeps listing what pasta forwards.
 	return fmt.Errorf("port %d (%s) stays forwarded until pasta stops: %w", id, spec, ErrFixedPorts)
 }
 
