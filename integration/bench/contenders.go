@@ -52,7 +52,9 @@ type contender struct {
 	portkit []string
 	// peer: clients connect from a veth peer netns (a non-loopback source
 	// address), so source-IP transparency is exercised; needs root.
-	peer  bool
+	peer bool
+	// cni: needs the usernet and portdriver plugins built.
+	cni   bool
 	start func(e *env, s *scope, ports []mapping) (*instance, error)
 }
 
@@ -74,6 +76,8 @@ func contenders() []contender {
 			start: startPortkit("implicit", "--net", "pasta")},
 		{name: "portkit-socat", needs: []string{"socat"}, portkit: []string{"-port-driver", "socat"},
 			start: startPortkit("socat")},
+		// CNI ADD of usernet (slirp4netns) + portdriver (builtin), through libcni.
+		{name: "portkit-cni", needs: []string{"slirp4netns"}, cni: true, start: startCNI},
 		{name: "rootlesskit-builtin", quick: true, needs: []string{"rootlesskit", "rootlessctl", "slirp4netns"},
 			start: startRootlessKit("builtin")},
 		{name: "rootlesskit-slirp4netns", needs: []string{"rootlesskit", "rootlessctl", "slirp4netns"},

@@ -177,6 +177,9 @@ func (bn *bench) unavailable(c contender) string {
 			return why
 		}
 	}
+	if c.cni && (bn.env.bins.have["usernet"] == "" || bn.env.bins.have["portdriver"] == "") {
+		return "bin/usernet and bin/portdriver are not built"
+	}
 	if c.peer && os.Geteuid() != 0 {
 		return "clients from a non-loopback address need a veth peer netns, which needs root"
 	}

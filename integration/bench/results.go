@@ -47,7 +47,7 @@ func metrics(cfg config) []metric {
 		metric{"rss_ports", fmt.Sprintf("forwarder RSS, %d ports", cfg.totalPorts), "MiB", false},
 		metric{"rss_conns", fmt.Sprintf("forwarder RSS, %d idle conns", cfg.idleConns), "MiB", false},
 		metric{"per_conn_kib", "RSS per idle connection", "KiB", false},
-		metric{"setup_ms", "publish a port (CLI; pasta: start)", "ms", false},
+		metric{"setup_ms", "publish a port (CLI; pasta: start; cni: ADD)", "ms", false},
 		metric{"add_api_ms", "publish a port (API, median)", "ms", false},
 	)
 }
