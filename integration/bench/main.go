@@ -51,8 +51,9 @@ func defaults(quick bool) config {
 		return config{quick: true, runs: 1, tcpSecs: 1, udpSecs: 1, udpRates: []string{"1G"},
 			connDur: 500 * time.Millisecond, rrDur: 300 * time.Millisecond, idleConns: 100, totalPorts: 20}
 	}
-	return config{runs: 3, tcpSecs: 2, udpSecs: 1, udpRates: []string{"500M", "2G"},
-		connDur: 1500 * time.Millisecond, rrDur: time.Second, idleConns: 1000, totalPorts: 100}
+	// Sized so 13 contenders × 3 runs fit in under 10 minutes on 2 cores.
+	return config{runs: 3, tcpSecs: 1, udpSecs: 1, udpRates: []string{"500M", "2G"},
+		connDur: time.Second, rrDur: 500 * time.Millisecond, idleConns: 1000, totalPorts: 100}
 }
 
 // Child-side ports of the servers (direct uses the host ports instead).

@@ -63,7 +63,7 @@ type iperfResult struct {
 // iperf runs an iperf3 client against port and returns the receiver's rate
 // in bit/s and, for UDP, its loss in percent.
 func iperf(c client, port int, secs int, args ...string) (bps, loss float64, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+8)*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+5)*time.Second)
 	defer cancel()
 	full := append([]string{"-c", c.ip, "-p", strconv.Itoa(port), "-t", strconv.Itoa(secs), "-J", "--connect-timeout", "5000"}, args...)
 	out, err := c.command(ctx, "iperf3", full...).Output()
