@@ -230,6 +230,7 @@ var stateFiles = map[string]bool{
 	state.APISocket: true, state.ChildPIDFile: true, state.LockFile: true, state.ForwarderFile: true,
 	state.SupervisorPID: true, state.NetworkPID: true, state.ConfigFile: true, state.PortsFile: true,
 	state.LogFile: true, "slirp4netns.sock": true, resolvConfFile: true,
+	"netns": true, // RootlessKit 2 --detach-netns leaves this
 }
 
 // resolvConfFile is the child's generated resolv.conf, in the state dir.
