@@ -30,7 +30,7 @@ declare -A probe=(
 	[uidmap]=/usr/bin/newuidmap
 	[busybox-static]=/bin/busybox
 	[util-linux]=/usr/bin/nsenter
-	[iptables]=/usr/sbin/iptables # the bridge plugin's ipMasq for CRI pods
+	[iptables]=/usr/sbin/iptables # nerdctl's default network (bridge ipMasq, portmap, firewall) in the rootless child
 )
 if [ "${SKIP_DEPS:-}" != 1 ]; then
 	missing=()
