@@ -5,8 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/portkit/portkit/plugins/internal/cniconf"
 	"net"
-	"sort"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -43,18 +43,9 @@ func (c *Config) Default() {
 	}
 }
 
-type fieldError struct {
-	Field string
-	Err   error
-}
-
-func (e *fieldError) Error() string {
-	return fmt.Sprintf("portdriver config field %q: %v", e.Field, e.Err)
-}
-func (e *fieldError) Unwrap() error { return e.Err }
-
+// bad is a config error naming field; main turns it into CNI error 7.
 func bad(field, format string, args ...any) error {
-	return &fieldError{Field: field, Err: fmt.Errorf(format, args...)}
+	return cniconf.Bad(pluginName, field, format, args...)
 }
 
 // Validate checks c after Default; every error names the JSON field.
@@ -67,33 +58,16 @@ func (c *Config) Validate() error {
 		return bad("driver", "%q is not a port driver: want one of %s", c.Driver, strings.Join(Drivers, ", "))
 	}
 	if _, err := portmapping.Specs(c.RuntimeConfig.PortMappings, nil); err != nil {
-		return &fieldError{Field: "runtimeConfig.portMappings", Err: err}
+		return &cniconf.FieldError{Plugin: pluginName, Field: "runtimeConfig.portMappings", Err: err}
 	}
 	return nil
-}
-
-var knownFields = map[string]bool{
-	"driver":     true,
-	"cniVersion": true, "name": true, "type": true, "capabilities": true, "ipam": true, "dns": true,
-	"args": true, "runtimeConfig": true, "prevResult": true, "ipMasq": true,
 }
 
 // parseConfig reads stdin into a defaulted, validated Config; prevResult,
 // when present, is converted to the current result version.
 func parseConfig(stdin []byte) (*Config, error) {
-	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(stdin, &raw); err != nil {
-		return nil, fmt.Errorf("portdriver config is not a JSON object: %w", err)
-	}
-	var unknown []string
-	for k := range raw {
-		if !knownFields[k] && !strings.HasPrefix(k, "cni.dev/") {
-			unknown = append(unknown, k)
-		}
-	}
-	if len(unknown) > 0 {
-		sort.Strings(unknown)
-		return nil, bad(unknown[0], "unknown field: portdriver reads driver (and runtimeConfig.portMappings)")
+	if err := cniconf.CheckFields(pluginName, stdin, "driver"); err != nil {
+		return nil, err
 	}
 	c := &Config{}
 	if err := json.NewDecoder(bytes.NewReader(stdin)).Decode(c); err != nil {
@@ -101,7 +75,7 @@ func parseConfig(stdin []byte) (*Config, error) {
 		if errors.As(err, &te) {
 			return nil, bad(te.Field, "got a JSON %s, want %s", te.Value, te.Type.Kind())
 		}
-		return nil, &fieldError{Field: "runtimeConfig.portMappings", Err: err}
+		return nil, &cniconf.FieldError{Plugin: pluginName, Field: "runtimeConfig.portMappings", Err: err}
 	}
 	if err := version.ParsePrevResult(&c.PluginConf); err != nil {
 		return nil, bad("prevResult", "%v", err)

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/portkit/portkit/plugins/internal/cniconf"
+
 	"errors"
 	"strings"
 	"testing"
@@ -40,13 +42,13 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{`"runtimeConfig":{"portMappings":[{"HostPort":9000,"ContainerPort":9000,"Protocol":"sctp"}]}`, "runtimeConfig.portMappings", `9000->9000/sctp: protocol "sctp" is not supported`},
 	} {
 		_, err := parseConfig([]byte(`{"cniVersion":"1.0.0","name":"n","type":"portdriver",` + tc.body + `}`))
-		var fe *fieldError
+		var fe *cniconf.FieldError
 		if !errors.As(err, &fe) || fe.Field != tc.field || !strings.Contains(err.Error(), tc.says) {
 			t.Errorf("%s: got %v, want field %q saying %q", tc.body, err, tc.field, tc.says)
 			continue
 		}
 		var te *types.Error
-		if !errors.As(cniError(err), &te) || te.Code != types.ErrInvalidNetworkConfig {
+		if !errors.As(cniconf.Error(err), &te) || te.Code != types.ErrInvalidNetworkConfig {
 			t.Errorf("%s: CNI error %+v, want code 7", tc.body, te)
 		}
 	}

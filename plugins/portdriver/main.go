@@ -20,6 +20,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/portkit/portkit/plugins/internal/cniconf"
 	"os"
 	"os/exec"
 	"strings"
@@ -39,9 +40,6 @@ import (
 
 const pluginName = "portdriver"
 
-// errPluginNotAvailable is the spec's STATUS code 50.
-const errPluginNotAvailable = 50
-
 // apiTimeout bounds each call to a forwarder's API socket.
 const apiTimeout = 10 * time.Second
 
@@ -55,20 +53,6 @@ func main() {
 	}, version.All, "CNI portdriver plugin (portkit): publishes portMappings through a portkit port driver")
 }
 
-func cniError(err error) error {
-	var fe *fieldError
-	var te *types.Error
-	switch {
-	case err == nil:
-		return nil
-	case errors.As(err, &te):
-		return te
-	case errors.As(err, &fe):
-		return types.NewError(types.ErrInvalidNetworkConfig, fe.Error(), "")
-	}
-	return types.NewError(types.ErrInternal, err.Error(), "")
-}
-
 func keys(cfg *Config, args *skel.CmdArgs) (own, usernet attachment.Key) {
 	own = attachment.Key{Plugin: pluginName, Network: cfg.Name, ContainerID: args.ContainerID, IfName: args.IfName}
 	usernet = own
@@ -79,13 +63,13 @@ func keys(cfg *Config, args *skel.CmdArgs) (own, usernet attachment.Key) {
 func cmdAdd(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	if cfg.prev == nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, "portdriver is a chained plugin: prevResult is missing: put it after a main plugin (usernet, bridge, …) in a conflist", "")
 	}
 	if err := add(cfg, args); err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	return types.PrintResult(cfg.prev, cfg.CNIVersion)
 }
@@ -95,7 +79,7 @@ func add(cfg *Config, args *skel.CmdArgs) error {
 		return nil
 	}
 	if cfg.Driver == "none" {
-		return &fieldError{Field: "driver", Err: fmt.Errorf("none publishes no ports, but the runtime asked for %d port mappings (first %s): choose builtin, slirp4netns, implicit or socat",
+		return &cniconf.FieldError{Plugin: pluginName, Field: "driver", Err: fmt.Errorf("none publishes no ports, but the runtime asked for %d port mappings (first %s): choose builtin, slirp4netns, implicit or socat",
 			len(cfg.RuntimeConfig.PortMappings), cfg.RuntimeConfig.PortMappings[0])}
 	}
 	if args.Netns == "" {
@@ -103,7 +87,7 @@ func add(cfg *Config, args *skel.CmdArgs) error {
 	}
 	specs, err := cfg.specs(args.Netns, args.IfName)
 	if err != nil {
-		return &fieldError{Field: "runtimeConfig.portMappings", Err: err}
+		return &cniconf.FieldError{Plugin: pluginName, Field: "runtimeConfig.portMappings", Err: err}
 	}
 	store, err := attachment.Open()
 	if err != nil {
@@ -128,9 +112,9 @@ func add(cfg *Config, args *skel.CmdArgs) error {
 	case usernetDriver == cfg.Driver:
 		rec.APISocket = usernetRec.StateDir + "/" + state.APISocket
 	case cfg.Driver == "implicit":
-		return &fieldError{Field: "driver", Err: errors.New("implicit publishes the ports pasta took at start: chain portdriver after usernet with \"backend\": \"pasta\" and \"capabilities\": {\"portMappings\": true}")}
+		return &cniconf.FieldError{Plugin: pluginName, Field: "driver", Err: errors.New("implicit publishes the ports pasta took at start: chain portdriver after usernet with \"backend\": \"pasta\" and \"capabilities\": {\"portMappings\": true}")}
 	case cfg.Driver == "slirp4netns" && (usernetRec == nil || !exists(usernetRec.StateDir+"/slirp4netns.sock")):
-		return &fieldError{Field: "driver", Err: errors.New("slirp4netns publishes through the slirp4netns usernet started: chain portdriver after usernet with \"backend\": \"slirp4netns\"")}
+		return &cniconf.FieldError{Plugin: pluginName, Field: "driver", Err: errors.New("slirp4netns publishes through the slirp4netns usernet started: chain portdriver after usernet with \"backend\": \"slirp4netns\"")}
 	default:
 		rec.StateDir = store.StateDir(own)
 	}
@@ -278,11 +262,11 @@ func cmdDel(args *skel.CmdArgs) error {
 	// clean up even when the rest of the config has gone bad since ADD.
 	cfg, err := parseName(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	store, err := attachment.Open()
 	if err != nil {
-		return cniError(fmt.Errorf("portdriver DEL: state: %w", err))
+		return cniconf.Error(fmt.Errorf("portdriver DEL: state: %w", err))
 	}
 	defer store.Close()
 	own, _ := keys(cfg, args)
@@ -291,10 +275,10 @@ func cmdDel(args *skel.CmdArgs) error {
 		rec, err = &attachment.Record{Key: own}, nil
 	}
 	if err != nil {
-		return cniError(fmt.Errorf("portdriver DEL: %w", err))
+		return cniconf.Error(fmt.Errorf("portdriver DEL: %w", err))
 	}
 	if err := teardown(store, rec); err != nil {
-		return cniError(fmt.Errorf("portdriver DEL: %s: %w", own, err))
+		return cniconf.Error(fmt.Errorf("portdriver DEL: %s: %w", own, err))
 	}
 	return nil
 }
@@ -302,7 +286,7 @@ func cmdDel(args *skel.CmdArgs) error {
 func cmdCheck(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	if cfg.prev == nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, "portdriver CHECK: prevResult is missing", "")
@@ -312,11 +296,11 @@ func cmdCheck(args *skel.CmdArgs) error {
 	}
 	specs, err := cfg.specs(args.Netns, args.IfName)
 	if err != nil {
-		return cniError(&fieldError{Field: "runtimeConfig.portMappings", Err: err})
+		return cniconf.Error(&cniconf.FieldError{Plugin: pluginName, Field: "runtimeConfig.portMappings", Err: err})
 	}
 	store, err := attachment.Open()
 	if err != nil {
-		return cniError(fmt.Errorf("portdriver CHECK: state: %w", err))
+		return cniconf.Error(fmt.Errorf("portdriver CHECK: state: %w", err))
 	}
 	defer store.Close()
 	own, _ := keys(cfg, args)
@@ -327,7 +311,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	sock := rec.APISocket
 	if sock == "" {
 		if err := forwarder.Check(rec.StateDir); err != nil {
-			return cniError(fmt.Errorf("portdriver CHECK: %s: %w", own, err))
+			return cniconf.Error(fmt.Errorf("portdriver CHECK: %s: %w", own, err))
 		}
 		sock = rec.StateDir + "/" + state.APISocket
 	}
@@ -335,7 +319,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	defer cancel()
 	ports, err := api.NewClient(sock).ListPorts(ctx)
 	if err != nil {
-		return cniError(fmt.Errorf("portdriver CHECK: the forwarder serving %s does not answer on %s: %w", own, sock, err))
+		return cniconf.Error(fmt.Errorf("portdriver CHECK: the forwarder serving %s does not answer on %s: %w", own, sock, err))
 	}
 	for _, want := range specs {
 		found := false
@@ -343,7 +327,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 			found = found || (p.Spec.Transport() == want.Transport() && p.Spec.ParentPort == want.ParentPort && p.Spec.ParentIP == want.ParentIP)
 		}
 		if !found {
-			return cniError(fmt.Errorf("portdriver CHECK: host port %s is not published by the forwarder on %s", portName(want), sock))
+			return cniconf.Error(fmt.Errorf("portdriver CHECK: host port %s is not published by the forwarder on %s", portName(want), sock))
 		}
 	}
 	return nil
@@ -352,7 +336,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 func cmdStatus(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	var need []string
 	switch cfg.Driver {
@@ -365,7 +349,7 @@ func cmdStatus(args *skel.CmdArgs) error {
 	}
 	for _, bin := range need {
 		if _, err := exec.LookPath(bin); err != nil {
-			return types.NewError(errPluginNotAvailable,
+			return types.NewError(cniconf.ErrPluginNotAvailable,
 				fmt.Sprintf("portdriver: the %s driver needs %s, which is not on PATH (%s): install it", cfg.Driver, bin, os.Getenv("PATH")), "")
 		}
 	}
@@ -375,11 +359,11 @@ func cmdStatus(args *skel.CmdArgs) error {
 func cmdGC(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	store, err := attachment.Open()
 	if err != nil {
-		return cniError(fmt.Errorf("portdriver GC: state: %w", err))
+		return cniconf.Error(fmt.Errorf("portdriver GC: state: %w", err))
 	}
 	defer store.Close()
 	keep := map[types.GCAttachment]bool{}
@@ -398,7 +382,7 @@ func cmdGC(args *skel.CmdArgs) error {
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return cniError(fmt.Errorf("portdriver GC: %w", err))
+		return cniconf.Error(fmt.Errorf("portdriver GC: %w", err))
 	}
 	return nil
 }

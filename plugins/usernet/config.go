@@ -5,9 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/portkit/portkit/plugins/internal/cniconf"
 	"net"
-	"sort"
-	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
@@ -55,19 +54,9 @@ func (c *Config) Default() {
 	}
 }
 
-// fieldError is a bad config value; main turns it into CNI error 7.
-type fieldError struct {
-	Field string
-	Err   error
-}
-
-func (e *fieldError) Error() string {
-	return fmt.Sprintf("usernet config field %q: %v", e.Field, e.Err)
-}
-func (e *fieldError) Unwrap() error { return e.Err }
-
+// bad is a config error naming field; main turns it into CNI error 7.
 func bad(field, format string, args ...any) error {
-	return &fieldError{Field: field, Err: fmt.Errorf(format, args...)}
+	return cniconf.Bad(pluginName, field, format, args...)
 }
 
 // Validate checks c after Default. Every error names the JSON field.
@@ -114,36 +103,16 @@ func (c *Config) Validate() error {
 		return bad("outboundAddr", "%q is not an IP address", c.OutboundAddr)
 	}
 	if _, err := portmapping.Specs(c.RuntimeConfig.PortMappings, nil); err != nil {
-		return &fieldError{Field: "runtimeConfig.portMappings", Err: err}
+		return &cniconf.FieldError{Plugin: pluginName, Field: "runtimeConfig.portMappings", Err: err}
 	}
 	return nil
-}
-
-// knownFields are the keys usernet reads plus those the CNI spec lets any
-// runtime put in a plugin's configuration.
-var knownFields = map[string]bool{
-	"backend": true, "mtu": true, "cidr": true, "ipv6": true, "disableHostLoopback": true,
-	"sandbox": true, "seccomp": true, "outboundAddr": true,
-	"cniVersion": true, "name": true, "type": true, "capabilities": true, "ipam": true, "dns": true,
-	"args": true, "runtimeConfig": true, "prevResult": true, "ipMasq": true,
 }
 
 // parseConfig reads stdin into a defaulted, validated Config. Unknown keys
 // and values of the wrong type or range are errors naming the key.
 func parseConfig(stdin []byte) (*Config, error) {
-	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(stdin, &raw); err != nil {
-		return nil, fmt.Errorf("usernet config is not a JSON object: %w", err)
-	}
-	var unknown []string
-	for k := range raw {
-		if !knownFields[k] && !strings.HasPrefix(k, "cni.dev/") {
-			unknown = append(unknown, k)
-		}
-	}
-	if len(unknown) > 0 {
-		sort.Strings(unknown)
-		return nil, bad(unknown[0], "unknown field: usernet reads backend, mtu, cidr, ipv6, disableHostLoopback, sandbox, seccomp, outboundAddr")
+	if err := cniconf.CheckFields(pluginName, stdin, "backend", "mtu", "cidr", "ipv6", "disableHostLoopback", "sandbox", "seccomp", "outboundAddr"); err != nil {
+		return nil, err
 	}
 	c := &Config{}
 	if err := json.Unmarshal(stdin, &c.PluginConf); err != nil {
@@ -155,7 +124,7 @@ func parseConfig(stdin []byte) (*Config, error) {
 		if errors.As(err, &te) {
 			return nil, bad(te.Field, "got a JSON %s, want a %s", te.Value, jsonKind(te.Type.Kind().String()))
 		}
-		return nil, &fieldError{Field: "runtimeConfig.portMappings", Err: err}
+		return nil, &cniconf.FieldError{Plugin: pluginName, Field: "runtimeConfig.portMappings", Err: err}
 	}
 	if err := version.ParsePrevResult(&c.PluginConf); err != nil {
 		return nil, bad("prevResult", "%v", err)

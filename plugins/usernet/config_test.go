@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/portkit/portkit/plugins/internal/cniconf"
+
 	"errors"
 	"net"
 	"strings"
@@ -40,14 +42,14 @@ func TestParseConfigRefusesBadFieldsByName(t *testing.T) {
 		{`"backend":"pasta","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"sctp"}]}`, "runtimeConfig.portMappings", `"sctp" is not supported`},
 	} {
 		_, err := parseConfig([]byte("{" + base + "," + tc.body + "}"))
-		var fe *fieldError
+		var fe *cniconf.FieldError
 		if !errors.As(err, &fe) || fe.Field != tc.field || !strings.Contains(err.Error(), tc.says) {
 			t.Errorf("%s: got %v, want field %q and %q", tc.body, err, tc.field, tc.says)
 			continue
 		}
 		// Bad config is CNI error 7, as the spec says.
 		var te *types.Error
-		if !errors.As(cniError(err), &te) || te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, `"`+tc.field+`"`) {
+		if !errors.As(cniconf.Error(err), &te) || te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, `"`+tc.field+`"`) {
 			t.Errorf("%s: CNI error %+v, want code 7 naming %q", tc.body, te, tc.field)
 		}
 	}

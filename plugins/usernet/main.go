@@ -18,6 +18,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/portkit/portkit/plugins/internal/cniconf"
 	"net"
 	"os"
 	"os/exec"
@@ -38,10 +39,6 @@ import (
 
 const pluginName = "usernet"
 
-// errPluginNotAvailable is the spec's STATUS code 50: the plugin cannot
-// service ADD (libcni has no constant for it).
-const errPluginNotAvailable = 50
-
 func main() {
 	skel.PluginMainFuncs(skel.CNIFuncs{
 		Add:    cmdAdd,
@@ -52,22 +49,6 @@ func main() {
 	}, version.All, "CNI usernet plugin (portkit): slirp4netns or pasta networking for rootless containers")
 }
 
-// cniError turns err into a CNI error object: config errors are code 7,
-// everything else keeps its code or becomes 999 with the message.
-func cniError(err error) error {
-	var fe *fieldError
-	var te *types.Error
-	switch {
-	case err == nil:
-		return nil
-	case errors.As(err, &te):
-		return te
-	case errors.As(err, &fe):
-		return types.NewError(types.ErrInvalidNetworkConfig, fe.Error(), "")
-	}
-	return types.NewError(types.ErrInternal, err.Error(), "")
-}
-
 func key(cfg *Config, args *skel.CmdArgs) attachment.Key {
 	return attachment.Key{Plugin: pluginName, Network: cfg.Name, ContainerID: args.ContainerID, IfName: args.IfName}
 }
@@ -75,11 +56,11 @@ func key(cfg *Config, args *skel.CmdArgs) attachment.Key {
 func cmdAdd(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	res, err := add(cfg, args)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	return types.PrintResult(res, cfg.CNIVersion)
 }
@@ -121,7 +102,7 @@ func add(cfg *Config, args *skel.CmdArgs) (*current.Result, error) {
 		portDriver = "implicit"
 		// pasta forwards to the child's own address: no child IP in the specs.
 		if netCfg.Ports, err = portmapping.Specs(cfg.RuntimeConfig.PortMappings, nil); err != nil {
-			return nil, &fieldError{Field: "runtimeConfig.portMappings", Err: err}
+			return nil, &cniconf.FieldError{Plugin: pluginName, Field: "runtimeConfig.portMappings", Err: err}
 		}
 	}
 
@@ -247,11 +228,11 @@ func cmdDel(args *skel.CmdArgs) error {
 	// clean up even when the rest of the config has gone bad since ADD.
 	cfg, err := parseName(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	store, err := attachment.Open()
 	if err != nil {
-		return cniError(fmt.Errorf("usernet DEL: state: %w", err))
+		return cniconf.Error(fmt.Errorf("usernet DEL: state: %w", err))
 	}
 	defer store.Close()
 	k := key(cfg, args)
@@ -262,17 +243,17 @@ func cmdDel(args *skel.CmdArgs) error {
 		rec, err = &attachment.Record{Key: k, StateDir: store.StateDir(k)}, nil
 	}
 	if err != nil {
-		return cniError(fmt.Errorf("usernet DEL: %w", err))
+		return cniconf.Error(fmt.Errorf("usernet DEL: %w", err))
 	}
-	return cniError(teardown(store, rec))
+	return cniconf.Error(teardown(store, rec))
 }
 
 func cmdCheck(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
-	return cniError(check(cfg, args))
+	return cniconf.Error(check(cfg, args))
 }
 
 func check(cfg *Config, args *skel.CmdArgs) error {
@@ -342,14 +323,14 @@ func compare(prev *current.Result, args *skel.CmdArgs, link *linkState) error {
 func cmdStatus(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	if _, err := exec.LookPath(cfg.Backend); err != nil {
 		pkg := cfg.Backend
 		if pkg == "pasta" {
 			pkg = "passt"
 		}
-		return types.NewError(errPluginNotAvailable,
+		return types.NewError(cniconf.ErrPluginNotAvailable,
 			fmt.Sprintf("usernet: backend %s is not available: %s is not on PATH (%s): install the %s package", cfg.Backend, cfg.Backend, os.Getenv("PATH"), pkg), "")
 	}
 	return nil
@@ -360,14 +341,14 @@ func cmdStatus(args *skel.CmdArgs) error {
 func cmdGC(args *skel.CmdArgs) error {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
-		return cniError(err)
+		return cniconf.Error(err)
 	}
 	store, err := attachment.Open()
 	if err != nil {
-		return cniError(fmt.Errorf("usernet GC: state: %w", err))
+		return cniconf.Error(fmt.Errorf("usernet GC: state: %w", err))
 	}
 	defer store.Close()
-	return cniError(gc(store, cfg.Name, cfg.ValidAttachments, pluginName))
+	return cniconf.Error(gc(store, cfg.Name, cfg.ValidAttachments, pluginName))
 }
 
 func gc(store *attachment.Store, networkName string, valid []types.GCAttachment, plugin string) error {
