@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -19,7 +20,14 @@ import (
 func BaseDir() (string, error) {
 	uid := os.Geteuid()
 	if uid == 0 {
-		return privateDir("/run/portkit")
+		dir, err := privateDir("/run/portkit")
+		// Root of a user namespace (CNI plugins under rootless nerdctl run
+		// as uid 0 in the launcher's child) may see /run/portkit as the
+		// parent's, through a copy-up symlink (--copy-up=/run): then it keeps
+		// its state where an unprivileged user would.
+		if err == nil || initialUserns() {
+			return dir, err
+		}
 	}
 	if xdg := os.Getenv("XDG_RUNTIME_DIR"); xdg != "" {
 		return privateDir(filepath.Join(xdg, "portkit"))
@@ -31,6 +39,17 @@ func BaseDir() (string, error) {
 		}
 	}
 	return privateDir(filepath.Join(os.TempDir(), "portkit-"+strconv.Itoa(uid)))
+}
+
+// initialUserns reports whether we run in the initial user namespace,
+// whose uid_map is the identity over every ID.
+func initialUserns() bool {
+	data, err := os.ReadFile("/proc/self/uid_map")
+	if err != nil {
+		return true
+	}
+	f := strings.Fields(string(data))
+	return len(f) == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295"
 }
 
 // privateDir makes path 0700 if missing (its parent must exist) and checks
