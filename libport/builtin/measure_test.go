@@ -49,9 +49,22 @@ func TestMeasurePerformance(t *testing.T) {
 
 	// Two forwarders: source IP on (the default) and off, for peer clients.
 	pRR, pIperf := freePort(t, "tcp4"), freePort(t, "tcp4")
-	if line, ok := forwarder(t, u, bin, n.Path, "helper", "tcp",
-		fmt.Sprintf("%d:%d/tcp4", pRR, rrChild), fmt.Sprintf("%d:%d/tcp4", pIperf, iperfChild)); !ok {
+	line, ok, fwd := forwarderPID(t, u, bin, n.Path, "helper", "tcp",
+		fmt.Sprintf("%d:%d/tcp4", pRR, rrChild), fmt.Sprintf("%d:%d/tcp4", pIperf, iperfChild))
+	if !ok {
 		t.Fatalf("forwarder: %s", line)
+	}
+	// The forwarder's CPU time (its helper is idle once sockets are pooled)
+	// is steadier than rates on a shared machine.
+	cpu := func() time.Duration {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", fwd))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		ut, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		return time.Duration(ut+st) * 10 * time.Millisecond // USER_HZ is 100
 	}
 	pRROff := freePort(t, "tcp4")
 	if line, ok := forwarder(t, u, bin, n.Path, "helper", "none", fmt.Sprintf("%d:%d/tcp4", pRROff, rrChild)); !ok {
@@ -89,9 +102,11 @@ func TestMeasurePerformance(t *testing.T) {
 	}
 	rrRun := func(cmd *exec.Cmd) rrResult {
 		cmd.Env = append(cmd.Env, roleEnv+"=rr-client")
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
 		out, err := cmd.Output()
 		if err != nil {
-			t.Fatalf("rr client: %v: %s", err, out)
+			t.Fatalf("rr client %v: %v: %s %s", cmd.Args, err, out, stderr.String())
 		}
 		var r rrResult
 		if err := json.Unmarshal(out, &r); err != nil {
@@ -102,7 +117,13 @@ func TestMeasurePerformance(t *testing.T) {
 		}
 		return r
 	}
+	// inPeer runs bin inside the peer; nil when the peer cannot be entered
+	// (test hosts are shared machine-wide and have been seen to vanish).
 	inPeer := func(args ...string) *exec.Cmd {
+		if out, err := exec.Command("nsenter", "--net="+peer.Path, "true").CombinedOutput(); err != nil {
+			t.Logf("skipping the peer measurement: nsenter into %s: %v: %s", peer.Path, err, out)
+			return nil
+		}
 		return exec.Command("nsenter", append([]string{"--net=" + peer.Path, bin}, args...)...)
 	}
 
@@ -127,20 +148,26 @@ func TestMeasurePerformance(t *testing.T) {
 				dir = "child→host"
 			}
 			add("throughput "+dir+" Gbit/s direct", iperfRun(iperfHost, rev))
-			add("throughput "+dir+" Gbit/s builtin", iperfRun(pIperf, rev))
+			c0 := cpu()
+			gbps := iperfRun(pIperf, rev)
+			add("throughput "+dir+" Gbit/s builtin", gbps)
+			add("forwarder CPU s per GB "+dir, (cpu()-c0).Seconds()/(gbps*4/8)) // 3 s measured + 1 s omitted
 		}
 		for _, clients := range []string{"1", "16"} {
 			d := rrRun(u.Cmd(bin, hostPort("127.0.0.1", rrHost), "3s", clients))
+			c0 := cpu()
 			b := rrRun(u.Cmd(bin, hostPort("127.0.0.1", pRR), "3s", clients))
+			add("forwarder CPU µs per conn, "+clients+" client(s)", float64((cpu()-c0).Microseconds())/float64(b.Conns))
 			add("conn/s "+clients+" client(s) direct", float64(d.Conns)/d.Seconds)
 			add("conn/s "+clients+" client(s) builtin", float64(b.Conns)/b.Seconds)
 			add("p99 µs "+clients+" client(s) direct", d.P99us)
 			add("p99 µs "+clients+" client(s) builtin", b.P99us)
 		}
-		on := rrRun(inPeer(hostPort(peer.LocalIP4.String(), pRR), "3s", "1"))
-		off := rrRun(inPeer(hostPort(peer.LocalIP4.String(), pRROff), "3s", "1"))
-		add("conn/s from a peer, source IP on", float64(on.Conns)/on.Seconds)
-		add("conn/s from a peer, source IP off", float64(off.Conns)/off.Seconds)
+		if cmdOn, cmdOff := inPeer(hostPort(peer.LocalIP4.String(), pRR), "3s", "1"), inPeer(hostPort(peer.LocalIP4.String(), pRROff), "3s", "1"); cmdOn != nil && cmdOff != nil {
+			on, off := rrRun(cmdOn), rrRun(cmdOff)
+			add("conn/s from a peer, source IP on", float64(on.Conns)/on.Seconds)
+			add("conn/s from a peer, source IP off", float64(off.Conns)/off.Seconds)
+		}
 	}
 	median := func(v []float64) float64 {
 		s := slices.Clone(v)

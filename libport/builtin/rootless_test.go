@@ -224,6 +224,12 @@ func userBinary(t testing.TB, u *testenv.User) string {
 // forwarder runs bin as u in the forwarder role and waits for "ready"; it
 // returns the first line the forwarder printed and whether it is ready.
 func forwarder(t testing.TB, u *testenv.User, bin string, args ...string) (string, bool) {
+	line, ok, _ := forwarderPID(t, u, bin, args...)
+	return line, ok
+}
+
+// forwarderPID is forwarder, also returning the forwarder's process ID.
+func forwarderPID(t testing.TB, u *testenv.User, bin string, args ...string) (string, bool, int) {
 	t.Helper()
 	cmd := u.Cmd(bin, args...)
 	cmd.Env = append(cmd.Env, roleEnv+"=forwarder")
@@ -253,7 +259,7 @@ func forwarder(t testing.TB, u *testenv.User, bin string, args ...string) (strin
 		}
 	})
 	line = strings.TrimSpace(line)
-	return line, line == "ready"
+	return line, line == "ready", cmd.Process.Pid
 }
 
 type testLogWriter struct {
