@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -63,6 +64,17 @@ type iperfResult struct {
 // iperf runs an iperf3 client against port and returns the receiver's rate
 // in bit/s and, for UDP, its loss in percent.
 func iperf(c client, port int, secs int, args ...string) (bps, loss float64, err error) {
+	// iperf3 -s serves one test at a time and may still be closing the last.
+	for try := 0; ; try++ {
+		bps, loss, err = iperfOnce(c, port, secs, args...)
+		if err == nil || try == 3 || !strings.Contains(err.Error(), "server is busy") {
+			return bps, loss, err
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+}
+
+func iperfOnce(c client, port int, secs int, args ...string) (bps, loss float64, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+5)*time.Second)
 	defer cancel()
 	full := append([]string{"-c", c.ip, "-p", strconv.Itoa(port), "-t", strconv.Itoa(secs), "-J", "--connect-timeout", "5000"}, args...)
