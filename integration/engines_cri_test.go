@@ -21,9 +21,9 @@ import (
 	"github.com/portkit/portkit/internal/testenv"
 )
 
-// criImage is the one image the CRI test uses: its default process is
+// criImage is the one image the CRI test uses: its default command is
 // the sandbox's (a pause stand-in); the workload container runs echod.
-const criImage = "localhost/portkit-busybox:test"
+const criImage = engineImageRef
 
 // criConflist is the network the CRI plugin loads (docs/engines.md shows
 // it with /var/lib/cni/networks as host-local's dataDir).
@@ -198,7 +198,7 @@ func startCRI(t *testing.T) *criEnv {
 	}
 
 	img := filepath.Join(dir, "image.tar")
-	buildOCIImage(t, img, ociImage{Ref: criImage, Entrypoint: []string{"/bin/sleep", "2147483647"}})
+	buildEngineImage(t, img)
 	if out, err := runBounded(t, 60*time.Second, exec.Command(ctr, "--address", e.sock, "--namespace", "k8s.io",
 		"images", "import", "--snapshotter", "native", img)); err != nil {
 		t.Fatalf("ctr images import %s: %v\n%s", img, err, out)

@@ -32,6 +32,17 @@ type ociImage struct {
 	Cmd        []string
 }
 
+// engineImageRef is the image every engine test loads: busybox, echod and
+// the page; its default command sleeps, which makes it the CRI sandbox
+// ("pause") image too. Tests give the workload's command explicitly.
+const engineImageRef = "localhost/portkit-busybox:test"
+
+// buildEngineImage writes the engine tests' image to path.
+func buildEngineImage(t *testing.T, path string) {
+	t.Helper()
+	buildOCIImage(t, path, ociImage{Ref: engineImageRef, Cmd: []string{"/bin/sleep", "2147483647"}})
+}
+
 // enginePage is the body of /www/index.html in every image: what the
 // tests expect busybox httpd to serve.
 const enginePage = "hello from portkit's engine test\n"
@@ -209,7 +220,7 @@ func mustJSON(t *testing.T, v any) []byte {
 // less helpful message.
 func TestOCIImageLayout(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "img.tar")
-	buildOCIImage(t, path, ociImage{Ref: "localhost/portkit-busybox:test", Entrypoint: []string{"/bin/sleep", "2147483647"}})
+	buildEngineImage(t, path)
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
@@ -246,7 +257,7 @@ func TestOCIImageLayout(t *testing.T) {
 	if err := json.Unmarshal(files["index.json"], &index); err != nil || len(index.Manifests) != 1 {
 		t.Fatalf("index.json: %v: %s", err, files["index.json"])
 	}
-	if got := index.Manifests[0].Annotations["io.containerd.image.name"]; got != "localhost/portkit-busybox:test" {
+	if got := index.Manifests[0].Annotations["io.containerd.image.name"]; got != engineImageRef {
 		t.Errorf("image name annotation %q", got)
 	}
 	var manifest struct {
@@ -257,7 +268,7 @@ func TestOCIImageLayout(t *testing.T) {
 		t.Fatalf("manifest: %v", err)
 	}
 	var config struct {
-		Config struct{ Entrypoint []string }
+		Config struct{ Entrypoint, Cmd []string }
 		Rootfs struct {
 			DiffIDs []string `json:"diff_ids"`
 		}
@@ -268,8 +279,8 @@ func TestOCIImageLayout(t *testing.T) {
 	if len(config.Rootfs.DiffIDs) != 1 || config.Rootfs.DiffIDs[0] != manifest.Layers[0].Digest {
 		t.Errorf("diff_ids %v, layer %s", config.Rootfs.DiffIDs, manifest.Layers[0].Digest)
 	}
-	if strings.Join(config.Config.Entrypoint, " ") != "/bin/sleep 2147483647" {
-		t.Errorf("entrypoint %q", config.Config.Entrypoint)
+	if len(config.Config.Entrypoint) != 0 || strings.Join(config.Config.Cmd, " ") != "/bin/sleep 2147483647" {
+		t.Errorf("entrypoint %q, cmd %q", config.Config.Entrypoint, config.Config.Cmd)
 	}
 	layer := map[string]*tar.Header{}
 	lr := tar.NewReader(bytes.NewReader(blobOf(manifest.Layers[0])))
