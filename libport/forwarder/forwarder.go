@@ -97,15 +97,25 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("forwarder: network: %w", err)
 		}
 	}
-	for i, s := range c.Ports {
+	// Only specs of one transport and parent port can conflict: compare
+	// within those groups, so a range of 65,535 ports is checked in linear
+	// time rather than in billions of comparisons.
+	type portKey struct {
+		transport string
+		port      int
+	}
+	seen := map[portKey][]libport.Spec{}
+	for _, s := range c.Ports {
 		if err := s.Validate(); err != nil {
 			return fmt.Errorf("forwarder: port %s: %w", s, err)
 		}
-		for _, o := range c.Ports[:i] {
+		k := portKey{s.Transport(), s.ParentPort}
+		for _, o := range seen[k] {
 			if libport.Conflicts(s, o) {
 				return fmt.Errorf("forwarder: port %s conflicts with port %s", s, o)
 			}
 		}
+		seen[k] = append(seen[k], s)
 	}
 	return nil
 }
