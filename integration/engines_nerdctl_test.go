@@ -375,10 +375,14 @@ func TestNerdctlRootlessUnderPortkitRun(t *testing.T) {
 			t.Errorf("%s: list-ports does not show %d:\n%s", label, hostPort, ports)
 		}
 		st.step("page on " + addr)
+		var ours []state.Process
 		if network != "" {
 			// The plugins ran and keep a record while the container lives.
 			if recs := rc.cniRecords(t); len(recs) == 0 {
 				t.Errorf("%s: no usernet/portdriver record while the container runs (looked in %v)", label, rc.cniRecordDirs(t))
+			}
+			if ours = pluginProcesses(rc.cniBin); len(ours) == 0 {
+				t.Errorf("%s: no usernet/portdriver process runs for the container", label)
 			}
 		}
 
@@ -395,7 +399,8 @@ func TestNerdctlRootlessUnderPortkitRun(t *testing.T) {
 		if ports := rc.apiPorts(t); strings.Contains(ports, strconv.Itoa(hostPort)) {
 			t.Errorf("%s: after nerdctl rm -f, list-ports still shows %d:\n%s", label, hostPort, ports)
 		}
-		// usernet's and portdriver's forwarders and slirp4netns run from cniBin.
+		// usernet's and portdriver's forwarders run from cniBin, slirp4netns below them.
+		testenv.WaitGone(t, ours, 5*time.Second)
 		waitNoProcesses(t, 5*time.Second, before, rc.cniBin)
 		if recs := rc.cniRecords(t); len(recs) > 0 {
 			t.Errorf("%s: after nerdctl rm -f, CNI records are left: %v", label, recs)

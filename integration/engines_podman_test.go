@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/portkit/portkit/internal/testenv"
-	"github.com/portkit/portkit/libport/state"
 )
 
 // podmanUsernetConflist is the network docs/engines.md gives Podman users.
@@ -216,13 +215,7 @@ func TestPodmanRootlessWithUsernet(t *testing.T) {
 	st.step("page on " + addr)
 
 	// usernet's forwarder and slirp4netns for the container, while it runs.
-	var ours []state.Process
-	for _, line := range processesOf(nil, p.cniBin) {
-		pid, _ := strconv.Atoi(strings.Fields(line)[0])
-		if pr, err := state.ProcessOf(pid); err == nil {
-			ours = append(ours, testenv.Descendants(pr)...)
-		}
-	}
+	ours := pluginProcesses(p.cniBin)
 	if len(ours) == 0 {
 		t.Errorf("no usernet process runs for the container: did Podman use usernet-net?")
 	}

@@ -18,6 +18,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/portkit/portkit/internal/testenv"
+	"github.com/portkit/portkit/libport/state"
 )
 
 // Versions scripts/engines-deps.sh builds into the tools cache.
@@ -241,6 +244,20 @@ func processesOf(before map[int]bool, marks ...string) []string {
 		}
 	}
 	return out
+}
+
+// pluginProcesses are the live processes started from a plugin binary in
+// cniBin (detached forwarders) and everything below them (slirp4netns,
+// helpers), to check with testenv.WaitGone once the engine is done.
+func pluginProcesses(cniBin string) []state.Process {
+	var roots []state.Process
+	for _, line := range processesOf(nil, cniBin) {
+		pid, _ := strconv.Atoi(strings.Fields(line)[0])
+		if p, err := state.ProcessOf(pid); err == nil {
+			roots = append(roots, p)
+		}
+	}
+	return testenv.Descendants(roots...)
 }
 
 // pidSet is every process alive now.
