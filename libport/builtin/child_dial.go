@@ -77,8 +77,10 @@ func makeTransparent(fd int, from netip.AddrPort, mark int) error {
 // dialTCP connects a new child-netns socket to to. With from valid the socket
 // is transparent: bound to the client's address and marked with mark. The
 // connect is non-blocking and waits in the poller, so a slow or dropped SYN
-// costs a goroutine, not a thread.
-func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int) (*os.File, error) {
+// costs a goroutine, not a thread. own is given the socket before the wait,
+// so that closing it (the port is removed) ends the wait at once; when own
+// says no the socket is closed and dialTCP fails.
+func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int, own func(*os.File) bool) (*os.File, error) {
 	fd, err := src.Socket(domainOf(to.Addr()), unix.SOCK_STREAM, 0)
 	if err != nil {
 		return nil, fmt.Errorf("socket in the child netns: %w", err)
@@ -99,6 +101,10 @@ func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int) (*os.Fil
 		return nil, fmt.Errorf("connect %s in the child netns: %w", to, err)
 	}
 	f := os.NewFile(uintptr(fd), "child tcp")
+	if !own(f) {
+		f.Close()
+		return nil, fmt.Errorf("connect %s in the child netns: %w", to, os.ErrClosed)
+	}
 	rc, err := f.SyscallConn()
 	if err != nil {
 		f.Close()

@@ -19,7 +19,7 @@ package builtin
 // UDP (opt-in), per child port P:
 //
 //	ip rule add iif lo ipproto udp sport P lookup 20556 priority 20556   (and -6)
-//	ip route add local default dev lo src 127.0.0.1 table 20556          (and -6)
+//	ip route add local default dev lo src 127.0.0.1 table 20556          (and -6, without src)
 //
 // UDP has no accept to carry a mark, so the rule matches every datagram the
 // child sends from port P: replies to a client reach our transparent flow

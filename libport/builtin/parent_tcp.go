@@ -151,18 +151,19 @@ func (p *tcpPort) close() {
 }
 
 // dial makes the child side of a connection from client, transparent when
-// source IP is on and the client's address can be used in the child.
-func (p *tcpPort) dial(client netip.AddrPort) (*os.File, error) {
+// source IP is on and the client's address can be used in the child. The
+// socket is c's from before the connect completes.
+func (p *tcpPort) dial(c *tcpConn, client netip.AddrPort) (*os.File, error) {
 	d := p.d
 	if d.opts.SourceIP.TCP() && canBeTransparent(client, p.child) && d.routing.tcpReady(client.Addr().Is4()) {
-		f, err := dialTCP(d.src, p.child, client, tcpMark)
+		f, err := dialTCP(d.src, p.child, client, tcpMark, c.setChild)
 		var terr *transparentError
 		if !errors.As(err, &terr) {
 			return f, err
 		}
 		p.warn.printf("transparent", "builtin: port %s: dialing from the child's own address instead: %v", p.spec, err)
 	}
-	return dialTCP(d.src, p.child, netip.AddrPort{}, 0)
+	return dialTCP(d.src, p.child, netip.AddrPort{}, 0, c.setChild)
 }
 
 // tcpConn is one proxied connection: parent is the client's connection in
@@ -180,16 +181,13 @@ func (c *tcpConn) serve() {
 	defer c.port.forget(c)
 	client := c.parent.RemoteAddr().(*net.TCPAddr).AddrPort()
 	client = netip.AddrPortFrom(client.Addr().Unmap().WithZone(""), client.Port())
-	child, err := c.port.dial(client)
+	child, err := c.port.dial(c, client)
 	if err != nil {
 		// The client learns at once, as it would from the service itself.
 		c.close(true)
 		if !errors.Is(err, unix.ECONNREFUSED) {
 			c.port.warn.printf("dial", "builtin: port %s: %v", c.port.spec, err)
 		}
-		return
-	}
-	if !c.setChild(child) {
 		return
 	}
 	prc, err1 := c.parent.SyscallConn()
@@ -210,13 +208,12 @@ func (c *tcpConn) serve() {
 	c.close(false)
 }
 
-// setChild records the child socket; false (and the socket closed) when the
-// connection was closed meanwhile.
+// setChild records the child socket (a fallback dial replaces a failed
+// one); false when the connection was closed meanwhile.
 func (c *tcpConn) setChild(f *os.File) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
-		f.Close()
 		return false
 	}
 	c.child = f
