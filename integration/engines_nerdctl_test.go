@@ -371,9 +371,11 @@ func TestNerdctlRootlessUnderPortkitRun(t *testing.T) {
 		if err != nil || body != enginePage {
 			t.Fatalf("%s: GET http://%s/: %q, %v", label, addr, body, err)
 		}
-		if ports := rc.apiPorts(t); !strings.Contains(ports, strconv.Itoa(hostPort)) {
+		ports := rc.apiPorts(t)
+		if !strings.Contains(ports, strconv.Itoa(hostPort)) {
 			t.Errorf("%s: list-ports does not show %d:\n%s", label, hostPort, ports)
 		}
+		t.Logf("%s: what nerdctl published through the API:\n%s", label, ports)
 		st.step("page on " + addr)
 		var ours []state.Process
 		if network != "" {
