@@ -74,6 +74,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "@DIR@/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "@BINDIR@"
     conf_dir = "@CONFDIR@"
@@ -105,6 +107,17 @@ func startCRI(t *testing.T) *criEnv {
 			t.Skipf("/usr/lib/cni/%s is missing: apt-get install containernetworking-plugins (CI does)", p)
 		}
 	}
+	// The bridge the conflist names outlives every pod (the bridge plugin
+	// never deletes it); containerd's shims keep their sockets in
+	// /run/containerd/s whatever the config says.
+	_, hadRunContainerd := os.Stat("/run/containerd")
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "link", "del", "pkcri0").Run()
+		if hadRunContainerd != nil {
+			_ = os.Remove("/run/containerd/s")
+			_ = os.Remove("/run/containerd")
+		}
+	})
 	// Not t.TempDir: containerd's socket path must stay under 108 bytes.
 	dir, err := os.MkdirTemp("", "pk-cri-")
 	if err != nil {
