@@ -60,29 +60,6 @@ func engineTool(t *testing.T, subdir, name string) string {
 	return ""
 }
 
-// publicCopy copies an executable into a directory every user can read
-// (root's tools cache is not), so the test user can run it.
-func publicCopy(t *testing.T, src string) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "portkit-engine-bin-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	dst := filepath.Join(dir, filepath.Base(src))
-	data, err := os.ReadFile(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(dst, data, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dst
-}
-
 // runBounded runs cmd with a deadline and returns its combined output
 // (only stderr's when the caller set cmd.Stdout). On timeout the whole
 // process group is killed.
