@@ -131,6 +131,7 @@ deps: deps-system tools
 
 deps-system:
 	@scripts/deps.sh
+	@TOOLS_DIR=$(TOOLS_DIR) GO=$(GO) scripts/engines-deps.sh
 
 tools: $(STATICCHECK)
 
