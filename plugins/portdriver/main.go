@@ -78,6 +78,10 @@ func add(cfg *Config, args *skel.CmdArgs) error {
 	if len(cfg.RuntimeConfig.PortMappings) == 0 {
 		return nil
 	}
+	if underRootlessPodman(os.Getenv) {
+		explainPodman(os.Stderr, len(cfg.RuntimeConfig.PortMappings))
+		return nil
+	}
 	if cfg.Driver == "none" {
 		return &cniconf.FieldError{Plugin: pluginName, Field: "driver", Err: fmt.Errorf("none publishes no ports, but the runtime asked for %d port mappings (first %s): choose builtin, slirp4netns, implicit or socat",
 			len(cfg.RuntimeConfig.PortMappings), cfg.RuntimeConfig.PortMappings[0])}
