@@ -25,7 +25,22 @@ type mapping struct {
 	host, child int
 }
 
-func (m mapping) spec() string { return fmt.Sprintf("%s:%d:%d/%s", m.hostIP, m.host, m.child, m.proto) }
+// childIP is where the forwarder dials in the child. RootlessKit's rule (which
+// portkit keeps) uses a specific non-loopback parent IP as the child IP too,
+// so for clients from a veth peer the bench names 127.0.0.1 explicitly.
+func (m mapping) childIP() string {
+	if m.hostIP == "127.0.0.1" {
+		return ""
+	}
+	return "127.0.0.1"
+}
+
+func (m mapping) spec() string {
+	if ip := m.childIP(); ip != "" {
+		return fmt.Sprintf("%s:%d:%s:%d/%s", m.hostIP, m.host, ip, m.child, m.proto)
+	}
+	return fmt.Sprintf("%s:%d:%d/%s", m.hostIP, m.host, m.child, m.proto)
+}
 
 // instance is a contender set up and forwarding the bench's ports.
 type instance struct {
@@ -324,7 +339,11 @@ func apiAdd(sock string, m mapping) error {
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
 		}}}
-	body, _ := json.Marshal(map[string]any{"proto": m.proto, "parentIP": m.hostIP, "parentPort": m.host, "childPort": m.child})
+	spec := map[string]any{"proto": m.proto, "parentIP": m.hostIP, "parentPort": m.host, "childPort": m.child}
+	if ip := m.childIP(); ip != "" {
+		spec["childIP"] = ip
+	}
+	body, _ := json.Marshal(spec)
 	resp, err := hc.Post("http://unix/v1/ports", "application/json", bytes.NewReader(body))
 	if err != nil {
 		return fmt.Errorf("POST /v1/ports on %s: %w", sock, err)

@@ -352,6 +352,7 @@ func (bn *bench) startServers(s *scope, in *instance, ports []mapping) error {
 	}
 	iperfPort, tcpPort, udpPort := ports[0].child, ports[2].child, ports[3].child
 	srv := cmd("iperf3", "-s", "-p", strconv.Itoa(iperfPort), "-B", in.bindAddr)
+	srv.Stderr = os.Stderr
 	if err := start(s, srv); err != nil {
 		return err
 	}
@@ -362,15 +363,13 @@ func (bn *bench) startServers(s *scope, in *instance, ports []mapping) error {
 	if err := start(s, rr); err != nil {
 		return err
 	}
-	pid := in.childPID
-	if pid == 0 {
-		pid = os.Getpid()
-	}
+	// Each server's own /proc/PID/net shows the netns it listens in.
 	for _, w := range []struct {
+		pid   int
 		proto string
 		port  int
-	}{{"tcp", iperfPort}, {"tcp", tcpPort}, {"udp", udpPort}} {
-		if err := waitListening(pid, w.proto, w.port, 10*time.Second); err != nil {
+	}{{srv.Process.Pid, "tcp", iperfPort}, {rr.Process.Pid, "tcp", tcpPort}, {rr.Process.Pid, "udp", udpPort}} {
+		if err := waitListening(w.pid, w.proto, w.port, 10*time.Second); err != nil {
 			return err
 		}
 	}
@@ -390,10 +389,12 @@ func joinHostPort(host string, port int) string {
 func warmUp(cl client, port int) (failed int, err error) {
 	errc := make(chan error, 1)
 	go func() {
-		if err := cl.enter(); err != nil {
+		leave, err := cl.enter()
+		if err != nil {
 			errc <- err
 			return
 		}
+		defer leave()
 		req, resp := make([]byte, msgSize), make([]byte, msgSize)
 		deadline := time.Now().Add(10 * time.Second)
 		for {

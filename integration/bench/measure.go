@@ -28,19 +28,34 @@ type client struct {
 
 func (c client) addr(port int) string { return net.JoinHostPort(c.ip, strconv.Itoa(port)) }
 
-// enter moves the calling goroutine's thread into c's netns for good; the
-// thread is never unlocked, so Go discards it when the goroutine ends.
-func (c client) enter() error {
+// enter moves the calling goroutine's thread into c's netns; leave moves it
+// back and unlocks it. A thread that cannot go back stays locked, so Go
+// discards it when the goroutine ends (or, if it is the main thread, parks it).
+func (c client) enter() (leave func(), err error) {
 	if c.netns == "" {
-		return nil
+		return func() {}, nil
 	}
 	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		return nil, err
+	}
 	f, err := os.Open(c.netns)
 	if err != nil {
-		return err
+		orig.Close()
+		return nil, err
 	}
 	defer f.Close()
-	return unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+	if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+		orig.Close()
+		return nil, fmt.Errorf("setns %s: %w", c.netns, err)
+	}
+	return func() {
+		defer orig.Close()
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+	}, nil
 }
 
 // command runs name in c's netns (nsenter --net; the bench is root then).
@@ -127,12 +142,14 @@ func shortConns(c client, port, clients int, d time.Duration) (perSec float64, l
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := c.enter(); err != nil {
+			leave, err := c.enter()
+			if err != nil {
 				mu.Lock()
 				firstErr = err
 				mu.Unlock()
 				return
 			}
+			defer leave()
 			var mine []time.Duration
 			okN, badN := 0, 0
 			var lastErr error
@@ -184,10 +201,12 @@ func udpRR(c client, port int, d time.Duration) (lat *latencies, lost int, err e
 	lat = &latencies{}
 	errc := make(chan error, 1)
 	go func() {
-		if err := c.enter(); err != nil {
+		leave, err := c.enter()
+		if err != nil {
 			errc <- err
 			return
 		}
+		defer leave()
 		conn, err := net.Dial("udp", c.addr(port))
 		if err != nil {
 			errc <- err
@@ -240,10 +259,12 @@ func openIdle(c client, port, n int) (closeAll func(), err error) {
 	}
 	errc := make(chan error, 1)
 	go func() {
-		if err := c.enter(); err != nil {
+		leave, err := c.enter()
+		if err != nil {
 			errc <- err
 			return
 		}
+		defer leave()
 		buf := make([]byte, msgSize)
 		for i := 0; i < n; i++ {
 			conn, err := net.DialTimeout("tcp", c.addr(port), 5*time.Second)
