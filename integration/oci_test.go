@@ -37,6 +37,9 @@ var ociRuntimes = []ociRuntime{
 	}},
 }
 
+// runtimeTimeout bounds one runtime command (run, exec, kill, delete).
+const runtimeTimeout = 60 * time.Second
+
 // ociBundle is a runc/crun bundle owned by the test user, with
 // portkit-oci-hook wired in as createRuntime and poststop hooks.
 type ociBundle struct {
@@ -123,7 +126,16 @@ func (b *ociBundle) run(args ...string) (string, error) {
 	// A detached container keeps its stdio: give it a file, not a pipe we
 	// would wait on for EOF.
 	cmd.Stdout, cmd.Stderr = log, log
-	err = cmd.Run()
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	// Bounded: a runtime stuck on a hook or an exec'd command must not
+	// hang the test binary.
+	timer := time.AfterFunc(runtimeTimeout, func() { _ = cmd.Process.Kill() })
+	err = cmd.Wait()
+	if !timer.Stop() {
+		err = fmt.Errorf("%s %s: killed after %v: %w", b.rt.name, strings.Join(args, " "), runtimeTimeout, err)
+	}
 	out, _ := os.ReadFile(log.Name())
 	if err != nil && b.hookStderr != "" {
 		hook, _ := os.ReadFile(b.hookStderr)
