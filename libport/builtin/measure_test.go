@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -54,10 +55,29 @@ func TestMeasurePerformance(t *testing.T) {
 	if !ok {
 		t.Fatalf("forwarder: %s", line)
 	}
+	// A second build of the forwarder (PORTKIT_MEASURE_BASE names a test
+	// binary of this package built from other code) measured in the same
+	// run, alternating with this one: the only fair A/B on a shared machine.
+	type contender struct {
+		name      string
+		pid       int
+		rr, iperf int
+	}
+	contenders := []contender{{"builtin", fwd, pRR, pIperf}}
+	if base := os.Getenv("PORTKIT_MEASURE_BASE"); base != "" {
+		bbin := copyForUser(t, u, base, "base.test")
+		bRR, bIperf := freePort(t, "tcp4"), freePort(t, "tcp4")
+		line, ok, bfwd := forwarderPID(t, u, bbin, n.Path, "helper", "tcp",
+			fmt.Sprintf("%d:%d/tcp4", bRR, rrChild), fmt.Sprintf("%d:%d/tcp4", bIperf, iperfChild))
+		if !ok {
+			t.Fatalf("base forwarder: %s", line)
+		}
+		contenders = append(contenders, contender{"base", bfwd, bRR, bIperf})
+	}
 	// The forwarder's CPU time (its helper is idle once sockets are pooled)
 	// is steadier than rates on a shared machine.
-	cpu := func() time.Duration {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", fwd))
+	cpu := func(pid int) time.Duration {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -78,6 +98,9 @@ func TestMeasurePerformance(t *testing.T) {
 		time.Sleep(hold)
 		return
 	}
+	// PORTKIT_MEASURE_ONLY=throughput|conn|peer limits the run to one part.
+	only := os.Getenv("PORTKIT_MEASURE_ONLY")
+	part := func(name string) bool { return only == "" || only == name }
 
 	iperfRun := func(port int, reverse bool) float64 {
 		args := []string{"-c", "127.0.0.1", "-p", strconv.Itoa(port), "-t", "3", "-O", "1", "-J"}
@@ -141,33 +164,50 @@ func TestMeasurePerformance(t *testing.T) {
 		}
 		table = append(table, series{name, []float64{v}})
 	}
+	for _, c := range contenders {
+		add("forwarder+helper RSS MiB idle "+c.name, float64(treeRSS(t, c.pid))/1024)
+	}
 	for r := 0; r < reps; r++ {
-		for _, rev := range []bool{false, true} {
-			dir := "host→child"
-			if rev {
-				dir = "child→host"
+		if part("throughput") {
+			for _, rev := range []bool{false, true} {
+				dir := "host→child"
+				if rev {
+					dir = "child→host"
+				}
+				add("throughput "+dir+" Gbit/s direct", iperfRun(iperfHost, rev))
+				for _, c := range contenders {
+					c0 := cpu(c.pid)
+					gbps := iperfRun(c.iperf, rev)
+					add("throughput "+dir+" Gbit/s "+c.name, gbps)
+					add("forwarder CPU s per GB "+dir+" "+c.name, (cpu(c.pid)-c0).Seconds()/(gbps*4/8)) // 3 s measured + 1 s omitted
+				}
 			}
-			add("throughput "+dir+" Gbit/s direct", iperfRun(iperfHost, rev))
-			c0 := cpu()
-			gbps := iperfRun(pIperf, rev)
-			add("throughput "+dir+" Gbit/s builtin", gbps)
-			add("forwarder CPU s per GB "+dir, (cpu()-c0).Seconds()/(gbps*4/8)) // 3 s measured + 1 s omitted
 		}
-		for _, clients := range []string{"1", "16"} {
-			d := rrRun(u.Cmd(bin, hostPort("127.0.0.1", rrHost), "3s", clients))
-			c0 := cpu()
-			b := rrRun(u.Cmd(bin, hostPort("127.0.0.1", pRR), "3s", clients))
-			add("forwarder CPU µs per conn, "+clients+" client(s)", float64((cpu()-c0).Microseconds())/float64(b.Conns))
-			add("conn/s "+clients+" client(s) direct", float64(d.Conns)/d.Seconds)
-			add("conn/s "+clients+" client(s) builtin", float64(b.Conns)/b.Seconds)
-			add("p99 µs "+clients+" client(s) direct", d.P99us)
-			add("p99 µs "+clients+" client(s) builtin", b.P99us)
+		if part("conn") {
+			for _, clients := range []string{"1", "16"} {
+				d := rrRun(u.Cmd(bin, hostPort("127.0.0.1", rrHost), "3s", clients))
+				add("conn/s "+clients+" client(s) direct", float64(d.Conns)/d.Seconds)
+				add("p99 µs "+clients+" client(s) direct", d.P99us)
+				for _, c := range contenders {
+					c0 := cpu(c.pid)
+					b := rrRun(u.Cmd(bin, hostPort("127.0.0.1", c.rr), "3s", clients))
+					add("forwarder CPU µs per conn, "+clients+" client(s) "+c.name, float64((cpu(c.pid)-c0).Microseconds())/float64(b.Conns))
+					add("conn/s "+clients+" client(s) "+c.name, float64(b.Conns)/b.Seconds)
+					add("p99 µs "+clients+" client(s) "+c.name, b.P99us)
+				}
+			}
+		}
+		if !part("peer") {
+			continue
 		}
 		if cmdOn, cmdOff := inPeer(hostPort(peer.LocalIP4.String(), pRR), "3s", "1"), inPeer(hostPort(peer.LocalIP4.String(), pRROff), "3s", "1"); cmdOn != nil && cmdOff != nil {
 			on, off := rrRun(cmdOn), rrRun(cmdOff)
 			add("conn/s from a peer, source IP on", float64(on.Conns)/on.Seconds)
 			add("conn/s from a peer, source IP off", float64(off.Conns)/off.Seconds)
 		}
+	}
+	for _, c := range contenders {
+		add("forwarder+helper RSS MiB after "+c.name, float64(treeRSS(t, c.pid))/1024)
 	}
 	median := func(v []float64) float64 {
 		s := slices.Clone(v)
@@ -179,20 +219,22 @@ func TestMeasurePerformance(t *testing.T) {
 	for _, s := range table {
 		fmt.Fprintf(&b, "%-44s %12.2f %12.2f %12.2f\n", s.name, median(s.vals), slices.Min(s.vals), slices.Max(s.vals))
 	}
-	ratio := func(what string) float64 {
+	ratio := func(what, name string) float64 {
 		var d, x float64
 		for _, s := range table {
 			switch s.name {
 			case what + " direct":
 				d = median(s.vals)
-			case what + " builtin":
+			case what + " " + name:
 				x = median(s.vals)
 			}
 		}
 		return x / d
 	}
-	for _, what := range []string{"throughput host→child Gbit/s", "throughput child→host Gbit/s", "conn/s 1 client(s)", "conn/s 16 client(s)", "p99 µs 1 client(s)", "p99 µs 16 client(s)"} {
-		fmt.Fprintf(&b, "ratio builtin/direct %-30s %6.2f\n", what, ratio(what))
+	for _, c := range contenders {
+		for _, what := range []string{"throughput host→child Gbit/s", "throughput child→host Gbit/s", "conn/s 1 client(s)", "conn/s 16 client(s)", "p99 µs 1 client(s)", "p99 µs 16 client(s)"} {
+			fmt.Fprintf(&b, "ratio %s/direct %-30s %6.2f\n", c.name, what, ratio(what, c.name))
+		}
 	}
 	var on, off float64
 	for _, s := range table {
@@ -230,4 +272,49 @@ func startRRServer(t *testing.T, cmd *exec.Cmd) int {
 		t.Fatalf("rr server said %q", line)
 	}
 	return port
+}
+
+// copyForUser copies the executable at path where u can run it.
+func copyForUser(t *testing.T, u *testenv.User, path, name string) string {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := u.Dir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, name)
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// treeRSS is the resident memory in KiB of pid and its descendants (the
+// forwarder and its netns helper).
+func treeRSS(t *testing.T, pid int) int {
+	t.Helper()
+	total := 0
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			total += kb
+		}
+	}
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, task := range tasks {
+		kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		for _, k := range strings.Fields(string(kids)) {
+			if kp, err := strconv.Atoi(k); err == nil {
+				total += treeRSS(t, kp)
+			}
+		}
+	}
+	return total
 }
