@@ -119,8 +119,10 @@ func startDirect(e *env, s *scope, ports []mapping) (*instance, error) {
 func startRootlessKit(driver string) func(*env, *scope, []mapping) (*instance, error) {
 	return func(e *env, s *scope, ports []mapping) (*instance, error) {
 		dir := filepath.Join(e.user.Dir(s), "state")
+		// No --disable-host-loopback: with it libslirp drops UDP replies to
+		// host-side clients (podman#4586), and UDP could not be measured.
 		cmd := e.user.Cmd("rootlesskit", "--state-dir="+dir, "--net=slirp4netns", "--mtu=65520",
-			"--disable-host-loopback", "--port-driver="+driver, "sleep", "infinity")
+			"--port-driver="+driver, "sleep", "infinity")
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
 		if err := start(s, cmd); err != nil {
@@ -195,7 +197,8 @@ func startSlirp4netns(e *env, s *scope, ports []mapping) (*instance, error) {
 		return nil, err
 	}
 	defer ready.Close()
-	cmd := e.user.Cmd("slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+	// No --disable-host-loopback, as for RootlessKit above (UDP replies).
+	cmd := e.user.Cmd("slirp4netns", "--configure", "--mtu=65520",
 		"--api-socket", sock, "--ready-fd=3", fmt.Sprintf("--userns-path=/proc/%d/ns/user", ns.PID),
 		"--netns-type=path", ns.Path, "tap0")
 	cmd.ExtraFiles = []*os.File{w}

@@ -82,7 +82,13 @@ func (r *results) add(name, key string, v float64) {
 }
 
 func (r *results) skip(name, why string) { r.seen(name); r.status[name] = "skipped: " + why }
-func (r *results) fail(name, why string) { r.seen(name); r.status[name] = "failed: " + why }
+
+// fail records a run that failed; the contender counts as failed only if no
+// run gave a figure.
+func (r *results) fail(name, why string) { r.note(name, "run failed: "+why) }
+
+// ok reports whether name has figures to show.
+func (r *results) ok(name string) bool { return r.status[name] == "" && len(r.values[name]) > 0 }
 func (r *results) note(name, what string) {
 	r.seen(name)
 	r.notes[name] = append(r.notes[name], what)
@@ -175,8 +181,10 @@ func (r *results) write(dir string, w io.Writer) error {
 	}
 	for _, name := range r.order {
 		st := r.status[name]
-		if st == "" {
+		if st == "" && r.ok(name) {
 			st = "ok"
+		} else if st == "" {
+			st = "failed"
 		}
 		doc.Contenders[name] = contenderJSON{Status: st, Notes: r.notes[name], Processes: r.procs[name],
 			Baseline: r.baseline(name), Metrics: sums[name]}
@@ -201,7 +209,7 @@ func (r *results) write(dir string, w io.Writer) error {
 func (r *results) table(w io.Writer, sums map[string]map[string]summary) {
 	var cols []string
 	for _, name := range r.order {
-		if r.status[name] == "" {
+		if r.ok(name) {
 			cols = append(cols, name)
 		}
 	}
@@ -240,6 +248,8 @@ func (r *results) table(w io.Writer, sums map[string]map[string]summary) {
 	for _, name := range r.order {
 		if st := r.status[name]; st != "" {
 			fmt.Fprintf(w, "%s: %s\n", name, st)
+		} else if !r.ok(name) {
+			fmt.Fprintf(w, "%s: failed in every run\n", name)
 		}
 		for _, n := range r.notes[name] {
 			fmt.Fprintf(w, "%s: note: %s\n", name, n)
