@@ -93,12 +93,25 @@ func startPasta(ctx context.Context, cfg *Config) (*Network, error) {
 		}
 		args = append(args, "--runas="+strconv.Itoa(owner))
 	}
-	args = append(args, "--netns="+cfg.NetnsPath)
+	// pasta joins the user namespace before it opens the netns, and from
+	// there it may no longer open a path that needs ptrace access to a
+	// process outside it (EACCES on /proc/PID/fd/N of a holder in our user
+	// namespace, as the OCI hook's netns receiver is): hand it the netns
+	// as an inherited descriptor instead.
+	netnsFile, err := os.Open(cfg.NetnsPath)
+	if err != nil {
+		return nil, fmt.Errorf("open the child netns: %w", err)
+	}
+	defer netnsFile.Close()
+	var extra []*os.File
+	if userns != nil {
+		extra = append(extra, userns) // fd 3, as --userns says
+	}
+	extra = append(extra, netnsFile)
+	args = append(args, fmt.Sprintf("--netns=/proc/self/fd/%d", 2+len(extra)))
 
 	cmd := exec.Command("pasta", args...)
-	if userns != nil {
-		cmd.ExtraFiles = []*os.File{userns}
-	}
+	cmd.ExtraFiles = extra
 	if err := n.launch(cmd); err != nil {
 		return nil, err
 	}
