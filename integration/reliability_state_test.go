@@ -81,7 +81,7 @@ func TestAddWithFullStateDirFailsCleanly(t *testing.T) {
 		rt.env = []string{"XDG_RUNTIME_DIR=" + mnt}
 		a := attachmentArgs{containerID: "ctr-full-" + strconv.Itoa(free), netns: ns.Path, ifName: "eth0",
 			caps: map[string]any{"portMappings": []map[string]any{{"hostPort": freePort(t), "containerPort": 80, "protocol": "tcp"}}}}
-		before := ourProcesses(rt.pluginDir, ns.PID, nil)
+		old := snapshotState(u).pids // zombies of earlier tests are not ours
 		_, err := rt.add(t, list, a)
 		if err == nil {
 			succeeded = free
@@ -107,8 +107,8 @@ func TestAddWithFullStateDirFailsCleanly(t *testing.T) {
 		if left := filesUnder(mnt); len(left) > 0 {
 			t.Errorf("%d free pages: after DEL: %v", free, left)
 		}
-		if _, ok := waitFor(3*time.Second, func() bool { return len(ourProcesses(rt.pluginDir, ns.PID, nil)) <= len(before) }); !ok {
-			t.Errorf("%d free pages: processes left: %v", free, ourProcesses(rt.pluginDir, ns.PID, nil))
+		if _, ok := waitFor(3*time.Second, func() bool { return len(ourProcesses(rt.pluginDir, ns.PID, old)) == 0 }); !ok {
+			t.Errorf("%d free pages: processes left: %v", free, ourProcesses(rt.pluginDir, ns.PID, old))
 		}
 	}
 	if succeeded < 0 {
@@ -124,6 +124,7 @@ func TestAddWithReadOnlyStateDirFailsCleanly(t *testing.T) {
 	rt := newCNIRuntime(t, u)
 	ns := testenv.ChildNetns(t, u)
 	list := conflist("portkit-ro", "1.1.0", builtinPlugins)
+	old := snapshotState(u).pids // zombies of earlier tests are not ours
 	a := attachmentArgs{containerID: "ctr-ro", netns: ns.Path, ifName: "eth0",
 		caps: map[string]any{"portMappings": []map[string]any{{"hostPort": freePort(t), "containerPort": 80, "protocol": "tcp"}}}}
 
@@ -161,7 +162,7 @@ func TestAddWithReadOnlyStateDirFailsCleanly(t *testing.T) {
 	if left := filesUnder(rw); len(left) > 0 {
 		t.Errorf("0500 state dir: left %v", left)
 	}
-	if procs := ourProcesses(rt.pluginDir, ns.PID, nil); len(procs) > 0 {
+	if procs := ourProcesses(rt.pluginDir, ns.PID, old); len(procs) > 0 {
 		t.Errorf("processes left: %v", procs)
 	}
 }
