@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -88,12 +90,8 @@ func newOCIBundle(t *testing.T, rt ociRuntime, u *testenv.User, annotations map[
 		}
 		linux[key] = []any{map[string]any{"containerID": 0, "hostID": id, "size": 1}}
 	}
-	hook := testenv.Binary(t, "portkit-oci-hook")
-	env := []string{"PATH=" + os.Getenv("PATH")}
-	cfg["hooks"] = map[string]any{
-		"createRuntime": []any{map[string]any{"path": hook, "args": []string{"portkit-oci-hook", "createRuntime"}, "env": env}},
-		"poststop":      []any{map[string]any{"path": hook, "args": []string{"portkit-oci-hook", "poststop"}, "env": env}},
-	}
+	bindir := filepath.Dir(testenv.Binary(t, "portkit-oci-hook"))
+	cfg["hooks"] = engineHooks(t, bindir, annotations, []string{"PATH=" + os.Getenv("PATH")})
 	if rt.name == "crun" {
 		// crun shows a hook's stderr only where this annotation points.
 		b.hookStderr = filepath.Join(base, "hook.stderr")
@@ -111,6 +109,65 @@ func newOCIBundle(t *testing.T, rt ociRuntime, u *testenv.User, annotations map[
 		t.Fatal(err)
 	}
 	return b
+}
+
+// engineHooks does what Podman and CRI-O do with an oci-hooks directory,
+// using the hooks.d files `make install` installs: each file whose "when"
+// matches the bundle's annotations adds its hook to each of its stages,
+// with @BINDIR@ resolved as make install resolves it. env is added to
+// every hook (runc gives a hook no other environment).
+func engineHooks(t *testing.T, bindir string, annotations map[string]string, env []string) map[string][]map[string]any {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(testenv.ModuleRoot(t), "hooks/portkit-oci-hook/hooks.d/*.json"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no hooks.d files in hooks/portkit-oci-hook/hooks.d (%v)", err)
+	}
+	sort.Strings(files) // engines apply them in file name order
+	hooks := map[string][]map[string]any{}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var h struct {
+			Version string `json:"version"`
+			Hook    struct {
+				Path string   `json:"path"`
+				Args []string `json:"args"`
+				Env  []string `json:"env"`
+			} `json:"hook"`
+			When struct {
+				Annotations map[string]string `json:"annotations"`
+			} `json:"when"`
+			Stages []string `json:"stages"`
+		}
+		if err := json.Unmarshal([]byte(strings.ReplaceAll(string(data), "@BINDIR@", bindir)), &h); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if h.Version != "1.0.0" || len(h.Stages) == 0 || len(h.When.Annotations) == 0 {
+			t.Fatalf("%s: want an oci-hooks 1.0.0 file with stages and an annotations condition", f)
+		}
+		matched := false
+		for keyRE, valueRE := range h.When.Annotations {
+			kr, vr := regexp.MustCompile(keyRE), regexp.MustCompile(valueRE)
+			for k, v := range annotations {
+				if kr.MatchString(k) && vr.MatchString(v) {
+					matched = true
+				}
+			}
+		}
+		if !matched {
+			continue
+		}
+		for _, stage := range h.Stages {
+			hooks[stage] = append(hooks[stage], map[string]any{
+				"path": h.Hook.Path,
+				"args": h.Hook.Args,
+				"env":  append(append([]string{}, h.Hook.Env...), env...),
+			})
+		}
+	}
+	return hooks
 }
 
 // run runs the runtime with args in the bundle directory and returns its output.

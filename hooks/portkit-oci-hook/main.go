@@ -6,6 +6,11 @@
 //	    container's netns and a detached forwarder that publishes the ports
 //	    the bundle's io.portkit.* annotations ask for; return once traffic
 //	    can flow.
+//	createContainer: only needed where the runtime hides the container's
+//	    namespaces from the createRuntime hook (rootless crun runs the
+//	    container process non-dumpable until it execs the user's program):
+//	    from inside the container, hand its netns to the receiver that
+//	    createRuntime left waiting, and return once traffic can flow.
 //	poststop: stop all of it; running it twice is fine.
 //
 // A container without io.portkit.* annotations is left alone, so the hook
@@ -17,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -28,7 +34,7 @@ import (
 	"github.com/portkit/portkit/libport/state"
 )
 
-const usage = `usage: portkit-oci-hook createRuntime|prestart|poststop < OCI-STATE
+const usage = `usage: portkit-oci-hook createRuntime|prestart|createContainer|poststop < OCI-STATE
 
 An OCI runtime hook (runc, crun, oci-hooks directories). Settings come from
 the bundle's annotations:
@@ -49,6 +55,10 @@ const maxState = 1 << 20
 const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 func main() {
+	if dir := os.Getenv(envReceiver); dir != "" {
+		os.Unsetenv(envReceiver)
+		os.Exit(receiverMain(dir))
+	}
 	if os.Getenv("PATH") == "" {
 		os.Setenv("PATH", defaultPath)
 	}
@@ -68,9 +78,9 @@ func run(args []string, stdin io.Reader) error {
 	}
 	stage := args[0]
 	switch stage {
-	case "createRuntime", "prestart", "poststop":
+	case "createRuntime", "prestart", "createContainer", "poststop":
 	default:
-		return fmt.Errorf("unknown hook stage %q: want createRuntime, prestart or poststop", stage)
+		return fmt.Errorf("unknown hook stage %q: want createRuntime, prestart, createContainer or poststop", stage)
 	}
 	st, err := readState(stdin)
 	if err != nil {
@@ -83,15 +93,17 @@ func run(args []string, stdin io.Reader) error {
 	if !wanted(annotations) {
 		return nil
 	}
+	if stage == "createContainer" {
+		// We run inside the container's namespaces here: no state dir is
+		// made, only the one createRuntime made is looked up.
+		return handOverNetns(st)
+	}
 	dir, err := stateDir(st.ID)
 	if err != nil {
 		return err
 	}
 	if stage == "poststop" {
-		if err := forwarder.Stop(dir); err != nil {
-			return fmt.Errorf("container %s: %w", st.ID, err)
-		}
-		return nil
+		return detach(st, dir)
 	}
 	s, err := parseSettings(annotations)
 	if err != nil {
@@ -153,19 +165,37 @@ func stateDir(id string) (string, error) {
 	return filepath.Join(oci, id), nil
 }
 
-// attach starts the container's network and forwarder.
+// attach starts the container's network and forwarder. Where the
+// container's netns cannot be opened yet (rootless crun), it leaves a
+// receiver waiting for the createContainer hook to hand it over.
 func attach(st *specs.State, s settings, dir string) error {
 	if st.Pid <= 0 {
 		return fmt.Errorf("container %s: the OCI state has no pid: run the hook at createRuntime or prestart", st.ID)
 	}
+	cfg := forwarderConfig(st, s, dir)
 	netnsPath := fmt.Sprintf("/proc/%d/ns/net", st.Pid)
 	theirs, err := os.Readlink(netnsPath)
+	if errors.Is(err, fs.ErrPermission) {
+		return attachLater(st, cfg, netnsPath, err)
+	}
 	if err != nil {
 		return fmt.Errorf("container %s: %w", st.ID, err)
 	}
 	if ours, _ := os.Readlink("/proc/self/ns/net"); theirs == ours {
-		return fmt.Errorf(`container %s shares the host's network namespace: add {"type":"network"} to linux.namespaces in config.json`, st.ID)
+		return fmt.Errorf("container %s %w", st.ID, errHostNetns)
 	}
+	if _, err := forwarder.Spawn(cfg); err != nil {
+		return fmt.Errorf("container %s: %w", st.ID, err)
+	}
+	return nil
+}
+
+// errHostNetns says the container has no network namespace of its own.
+var errHostNetns = errors.New(`shares the host's network namespace: add {"type":"network"} to linux.namespaces in config.json`)
+
+// forwarderConfig is the forwarder the settings ask for; the child netns
+// defaults to /proc/PID/ns/net of the container's process.
+func forwarderConfig(st *specs.State, s settings, dir string) forwarder.Config {
 	cfg := forwarder.Config{StateDir: dir, PortDriver: s.PortDriver, ChildPID: st.Pid, Ports: s.Ports}
 	if s.Net != "none" {
 		cfg.Network = &network.Config{
@@ -176,8 +206,21 @@ func attach(st *specs.State, s settings, dir string) error {
 			DisableHostLoopback: s.DisableHostLoopback,
 		}
 	}
-	if _, err := forwarder.Spawn(cfg); err != nil {
+	return cfg
+}
+
+// detach stops the container's forwarder, network and receiver (if any)
+// and removes its state directory. The container is gone by now.
+func detach(st *specs.State, dir string) error {
+	// Read before forwarder.Stop removes the directory with the file.
+	recv, recvErr := readReceiver(dir)
+	if err := forwarder.Stop(dir); err != nil {
 		return fmt.Errorf("container %s: %w", st.ID, err)
+	}
+	if recvErr == nil {
+		if err := recv.Stop(receiverGrace); err != nil {
+			return fmt.Errorf("container %s: stop the netns receiver: %w", st.ID, err)
+		}
 	}
 	return nil
 }

@@ -11,13 +11,18 @@ import (
 	"github.com/portkit/portkit/libport/state"
 )
 
+// ociReceiverPID is where portkit-oci-hook records its netns receiver (the
+// process that holds a rootless crun container's netns for the forwarder).
+const ociReceiverPID = "netns-receiver.pid"
+
 // AttachmentProcesses returns every process of the attachment served from
-// stateDir: the processes its files record (supervisor, forwarder, network)
-// and all their descendants (helpers, socat, nsenter).
+// stateDir: the processes its files record (supervisor, forwarder, network,
+// the OCI hook's netns receiver) and all their descendants (helpers, socat,
+// nsenter).
 func AttachmentProcesses(t testing.TB, stateDir string) []state.Process {
 	t.Helper()
 	var roots []state.Process
-	for _, name := range []string{state.SupervisorPID, state.ForwarderFile, state.NetworkPID} {
+	for _, name := range []string{state.SupervisorPID, state.ForwarderFile, state.NetworkPID, ociReceiverPID} {
 		data, err := os.ReadFile(filepath.Join(stateDir, name))
 		if err != nil {
 			continue
