@@ -104,8 +104,11 @@ func TestForwarderKilledMidTransferPortsComeBack(t *testing.T) {
 		t.Errorf("port back after %v, want within 2 s", took)
 	}
 	_ = resumed
-	if err := rt.check(t, list, a); err != nil {
-		t.Errorf("CHECK after recovery: %v", err)
+	// The restarted forwarder publishes its ports a moment before its API
+	// socket listens, so CHECK may need that moment more.
+	var checkErr error
+	if _, ok := waitFor(2*time.Second, func() bool { checkErr = rt.check(t, list, a); return checkErr == nil }); !ok {
+		t.Errorf("CHECK after recovery: %v", checkErr)
 	}
 	// The restarted tree is the same size as the one it replaced.
 	after := treeUsage(sup.PID)
