@@ -542,11 +542,7 @@ func TestClientConnectionsKeepAlive(t *testing.T) {
 		conn = k
 	}
 	p.mu.Unlock()
-	rc, err := conn.parent.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc.Control(func(fd uintptr) {
+	func(fd int) {
 		for _, o := range []struct {
 			level, opt, want int
 			name             string
@@ -557,11 +553,11 @@ func TestClientConnectionsKeepAlive(t *testing.T) {
 			{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount, "TCP_KEEPCNT"},
 			{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1, "TCP_NODELAY"},
 		} {
-			if v, err := unix.GetsockoptInt(int(fd), o.level, o.opt); err != nil || v != o.want {
+			if v, err := unix.GetsockoptInt(fd, o.level, o.opt); err != nil || v != o.want {
 				t.Errorf("accepted socket: %s = %d, %v; want %d", o.name, v, err, o.want)
 			}
 		}
-	})
+	}(conn.pfd)
 }
 
 // TestRemoveDuringHangingConnect: a child listener whose accept queue is

@@ -74,73 +74,31 @@ func makeTransparent(fd int, from netip.AddrPort, mark int) error {
 	return nil
 }
 
-// dialTCP connects a new child-netns socket to to. With from valid the socket
-// is transparent: bound to the client's address and marked with mark. The
-// connect is non-blocking and waits in the poller, so a slow or dropped SYN
-// costs a goroutine, not a thread. own is given the socket before the wait,
-// so that closing it (the port is removed) ends the wait at once; when own
-// says no the socket is closed and dialTCP fails.
-func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int, own func(*os.File) bool) (*os.File, error) {
+// dialTCP starts connecting a new child-netns socket to to and returns it
+// (non-blocking) with the connect under way: the caller's event loop learns
+// of its end. With from valid the socket is transparent: bound to the
+// client's address and marked with mark.
+func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int) (int, error) {
 	fd, err := src.Socket(domainOf(to.Addr()), unix.SOCK_STREAM, 0)
 	if err != nil {
-		return nil, fmt.Errorf("socket in the child netns: %w", err)
+		return -1, fmt.Errorf("socket in the child netns: %w", err)
 	}
 	// Small requests and replies must not wait for Nagle on our hop.
 	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if from.IsValid() {
 		if err := makeTransparent(fd, from, mark); err != nil {
 			unix.Close(fd)
-			return nil, err
+			return -1, err
 		}
 	}
 	if err := unix.Connect(fd, sockaddrOf(to)); err != nil && err != unix.EINPROGRESS {
 		unix.Close(fd)
 		if from.IsValid() && (errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)) {
-			return nil, &transparentError{fmt.Errorf("connect %s from %s: %w", to, from, err)}
+			return -1, &transparentError{fmt.Errorf("connect %s from %s: %w", to, from, err)}
 		}
-		return nil, fmt.Errorf("connect %s in the child netns: %w", to, err)
+		return -1, fmt.Errorf("connect %s in the child netns: %w", to, err)
 	}
-	f := os.NewFile(uintptr(fd), "child tcp")
-	if !own(f) {
-		f.Close()
-		return nil, fmt.Errorf("connect %s in the child netns: %w", to, os.ErrClosed)
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	var cerr error
-	err = rc.Write(func(fd uintptr) bool {
-		// A loopback handshake is usually done by now: one call says so.
-		_, err := unix.Getpeername(int(fd))
-		if err == nil {
-			return true
-		}
-		if err != unix.ENOTCONN {
-			cerr = err
-			return true
-		}
-		// Not connected: still under way (SO_ERROR 0), or failed.
-		v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-		switch {
-		case err != nil:
-			cerr = err
-		case v != 0:
-			cerr = unix.Errno(v)
-		default:
-			return false
-		}
-		return true
-	})
-	if err == nil {
-		err = cerr
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("connect %s in the child netns: %w", to, err)
-	}
-	return f, nil
+	return fd, nil
 }
 
 // udpFlowSocket makes the child side of one UDP flow. A plain flow socket is

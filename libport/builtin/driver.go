@@ -12,6 +12,7 @@
 //   - child_dial.go   child: sockets made in the child netns, connected there
 //   - child_routing.go child: the routing rules and sysctl source IP needs
 //   - child_netlink.go child: a minimal rtnetlink client on a child socket
+//   - loop.go         both: the event loops that carry TCP (epoll, one thread each)
 //   - copy.go, pipes.go, mmsg.go: the copy engine (no namespace of its own)
 package builtin
 
@@ -115,6 +116,7 @@ type Driver struct {
 	src     netns.SocketSource
 	opts    Options
 	routing *routing
+	loops   loopSet // the event loops of TCP, started with the first TCP port
 
 	mu     sync.Mutex
 	ports  map[int]port
@@ -249,6 +251,7 @@ func (d *Driver) Close() error {
 		go func() { defer wg.Done(); p.close() }()
 	}
 	wg.Wait()
+	d.loops.stop()
 	return d.routing.close()
 }
 

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -24,12 +23,13 @@ type tcpPort struct {
 	d     *Driver
 	spec  libport.Spec
 	child netip.AddrPort
-	ln    *net.TCPListener
+	lfd   int       // the listener, non-blocking, in every loop's epoll set
+	loops []*evLoop // every loop accepts from lfd (EPOLLEXCLUSIVE)
 
 	mu      sync.Mutex
 	conns   map[*tcpConn]struct{}
 	closing bool
-	wg      sync.WaitGroup // the accept loop and every connection
+	backoff time.Duration // pause after accept failed for want of fds or memory
 
 	warn logLimiter
 }
@@ -39,6 +39,10 @@ type tcpPort struct {
 func (d *Driver) addTCP(spec libport.Spec, child netip.AddrPort) (port, error) {
 	if d.opts.SourceIP.TCP() {
 		d.routing.enableTCP()
+	}
+	loops, err := d.loops.get()
+	if err != nil {
+		return nil, fmt.Errorf("event loop: %w", err)
 	}
 	network, addr := listenNetwork(spec)
 	lc := net.ListenConfig{
@@ -58,11 +62,37 @@ func (d *Driver) addTCP(spec libport.Spec, child netip.AddrPort) (port, error) {
 	if err != nil {
 		return nil, annotateListenError(err, network, addr, spec.ParentPort)
 	}
-	p := &tcpPort{d: d, spec: spec, child: child, ln: l.(*net.TCPListener), conns: map[*tcpConn]struct{}{}}
+	// Go made the socket (dual-stack rules, backlog); the loops own a copy
+	// of it outside Go's poller, so its readiness wakes only them.
+	lfd := -1
+	rc, err := l.(*net.TCPListener).SyscallConn()
+	if err == nil {
+		cerr := rc.Control(func(fd uintptr) { lfd, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) })
+		if err == nil {
+			err = cerr
+		}
+	}
+	l.Close()
+	if err != nil {
+		return nil, fmt.Errorf("listener of %s %s: %w", network, addr, err)
+	}
+	p := &tcpPort{d: d, spec: spec, child: child, lfd: lfd, loops: loops, conns: map[*tcpConn]struct{}{}}
 	p.warn.logf = d.opts.Logf
-	p.wg.Add(1)
-	go p.accept()
+	for _, lp := range loops {
+		lp.do(func(lp *evLoop) { err = errors.Join(err, p.listen(lp)) })
+	}
+	if err != nil {
+		p.close()
+		return nil, fmt.Errorf("listener of %s %s in the event loop: %w", network, addr, err)
+	}
 	return p, nil
+}
+
+// listen makes lp accept from the listener. It runs on lp.
+func (p *tcpPort) listen(lp *evLoop) error {
+	// Level-triggered: a loop that stops after a batch is woken again;
+	// exclusive: one loop wakes per new connection, not all.
+	return lp.add(p.lfd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE, p)
 }
 
 // Keep-alive on client connections, as Go sets it by default (15 s idle, 15 s
@@ -88,172 +118,204 @@ func setKeepAlive(fd int) error {
 	return nil
 }
 
-func (p *tcpPort) accept() {
-	defer p.wg.Done()
-	var backoff time.Duration
-	for {
-		c, err := p.ln.AcceptTCP()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of fds or memory: wait a little and keep serving, as
-			// net/http does; the port must not die of a passing shortage.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+// acceptBatch bounds the connections one loop accepts per wake-up, so that
+// a burst spreads over the loops.
+const acceptBatch = 16
+
+// event accepts new connections; it runs on lp.
+func (p *tcpPort) event(lp *evLoop, _ int32, _ uint32) {
+	for range acceptBatch {
+		fd, sa, err := unix.Accept4(p.lfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		switch err {
+		case nil:
+		case unix.EAGAIN:
+			return
+		case unix.EINTR, unix.ECONNABORTED:
+			continue
+		default:
+			// Out of fds or memory: stop accepting on this loop a little
+			// and keep serving, as net/http does; the port must not die of
+			// a passing shortage.
+			p.mu.Lock()
+			p.backoff = min(max(2*p.backoff, 5*time.Millisecond), time.Second)
+			wait := p.backoff
+			p.mu.Unlock()
 			p.warn.printf("accept", "builtin: port %s: accept: %v", p.spec, err)
-			time.Sleep(backoff)
-			continue
+			lp.remove(p.lfd)
+			time.AfterFunc(wait, func() {
+				lp.post(func(lp *evLoop) {
+					p.mu.Lock()
+					closing := p.closing
+					p.mu.Unlock()
+					if !closing {
+						_ = p.listen(lp)
+					}
+				})
+			})
+			return
 		}
-		backoff = 0
-		conn := &tcpConn{port: p, parent: c}
-		if !p.track(conn) {
-			conn.close(true)
-			continue
-		}
-		go conn.serve()
+		p.mu.Lock()
+		p.backoff = 0
+		p.mu.Unlock()
+		p.serve(lp, fd, sa)
 	}
 }
 
-// track registers c so that closing the port closes it; false when the port
-// is already closing.
-func (p *tcpPort) track(c *tcpConn) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closing {
-		return false
-	}
-	p.conns[c] = struct{}{}
-	p.wg.Add(1)
-	return true
-}
-
-func (p *tcpPort) forget(c *tcpConn) {
-	p.mu.Lock()
-	delete(p.conns, c)
-	p.mu.Unlock()
-	p.wg.Done()
-}
-
-// close stops the listener, resets every connection and waits for them.
+// close stops the listener, resets every connection and waits for that.
 func (p *tcpPort) close() {
 	p.mu.Lock()
 	p.closing = true
-	conns := make([]*tcpConn, 0, len(p.conns))
-	for c := range p.conns {
-		conns = append(conns, c)
-	}
 	p.mu.Unlock()
-	p.ln.Close()
-	for _, c := range conns {
-		c.close(true)
+	for _, lp := range p.loops {
+		lp.do(func(lp *evLoop) {
+			lp.remove(p.lfd)
+			p.mu.Lock()
+			var mine []*tcpConn
+			for c := range p.conns {
+				if c.loop == lp {
+					mine = append(mine, c)
+				}
+			}
+			p.mu.Unlock()
+			for _, c := range mine {
+				c.close(true)
+			}
+		})
 	}
-	p.wg.Wait()
+	unix.Close(p.lfd)
 }
 
 // dial makes the child side of a connection from client, transparent when
 // source IP is on and the client's address can be used in the child. The
-// socket is c's from before the connect completes.
-func (p *tcpPort) dial(c *tcpConn, client netip.AddrPort) (*os.File, error) {
+// connect is under way when it returns.
+func (p *tcpPort) dial(client netip.AddrPort) (int, error) {
 	d := p.d
 	if d.opts.SourceIP.TCP() && canBeTransparent(client, p.child) && d.routing.tcpReady(client.Addr().Is4()) {
-		f, err := dialTCP(d.src, p.child, client, tcpMark, c.setChild)
+		fd, err := dialTCP(d.src, p.child, client, tcpMark)
 		var terr *transparentError
 		if !errors.As(err, &terr) {
-			return f, err
+			return fd, err
 		}
 		p.warn.printf("transparent", "builtin: port %s: dialing from the child's own address instead: %v", p.spec, err)
 	}
-	return dialTCP(d.src, p.child, netip.AddrPort{}, 0, c.setChild)
+	return dialTCP(d.src, p.child, netip.AddrPort{}, 0)
 }
 
-// tcpConn is one proxied connection: parent is the client's connection in
-// the host netns, child ours to the service in the child netns.
-type tcpConn struct {
-	port   *tcpPort
-	parent *net.TCPConn
-
-	mu     sync.Mutex
-	child  *os.File
-	closed bool
-}
-
-func (c *tcpConn) serve() {
-	defer c.port.forget(c)
-	client := c.parent.RemoteAddr().(*net.TCPAddr).AddrPort()
-	client = netip.AddrPortFrom(client.Addr().Unmap().WithZone(""), client.Port())
-	child, err := c.port.dial(c, client)
+// serve starts proxying the accepted parent socket pfd; it runs on lp.
+func (p *tcpPort) serve(lp *evLoop, pfd int, sa unix.Sockaddr) {
+	// Small requests and replies must not wait for Nagle on the client's hop.
+	_ = unix.SetsockoptInt(pfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	c := &tcpConn{port: p, loop: lp, pfd: pfd, cfd: -1}
+	p.mu.Lock()
+	if p.closing {
+		p.mu.Unlock()
+		resetClose(pfd)
+		return
+	}
+	p.conns[c] = struct{}{}
+	p.mu.Unlock()
+	cfd, err := p.dial(clientAddr(sa))
 	if err != nil {
 		// The client learns at once, as it would from the service itself.
 		c.close(true)
 		if !errors.Is(err, unix.ECONNREFUSED) {
-			c.port.warn.printf("dial", "builtin: port %s: %v", c.port.spec, err)
+			p.warn.printf("dial", "builtin: port %s: %v", p.spec, err)
 		}
 		return
 	}
-	prc, err1 := c.parent.SyscallConn()
-	crc, err2 := child.SyscallConn()
-	if err1 != nil || err2 != nil {
+	c.cfd = cfd
+	c.up = half{src: pfd, dst: cfd}
+	c.down = half{src: cfd, dst: pfd}
+	// The child's connect finishes (or fails) while we wait for events: a
+	// splice into it waits for EPOLLOUT, and a refusal arrives as EPOLLERR.
+	const events = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+	if err := lp.add(pfd, events, c); err != nil {
 		c.close(true)
 		return
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		end, _ := pump(crc, prc)
-		c.ended(end, prc)
-	}()
-	end, _ := pump(prc, crc)
-	c.ended(end, crc)
-	<-done
-	c.close(false)
-}
-
-// setChild records the child socket (a fallback dial replaces a failed
-// one); false when the connection was closed meanwhile.
-func (c *tcpConn) setChild(f *os.File) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return false
-	}
-	c.child = f
-	return true
-}
-
-// ended acts on how the direction writing to dst ended: a FIN passes on as
-// a half-close (the other direction keeps going); a failure on either side
-// resets both.
-func (c *tcpConn) ended(end pumpEnd, dst syscall.RawConn) {
-	switch end {
-	case endEOF:
-		shutdownWrite(dst)
-	case endReadErr, endWriteErr:
+	if err := lp.add(cfd, events, c); err != nil {
 		c.close(true)
+		return
+	}
+	// The client may have sent its request already: edge-triggered
+	// registration reports it, but trying now saves a wake-up.
+	c.event(lp, int32(pfd), unix.EPOLLIN)
+}
+
+func clientAddr(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// tcpConn is one proxied connection: pfd is the client's connection in the
+// host netns, cfd ours to the service in the child netns. Only its loop
+// touches it after serve.
+type tcpConn struct {
+	port     *tcpPort
+	loop     *evLoop
+	pfd, cfd int
+	up       half // client to service
+	down     half // service to client
+	closed   bool
+}
+
+// event moves what the events on fd allow; it runs on the connection's loop.
+func (c *tcpConn) event(_ *evLoop, fd int32, events uint32) {
+	if c.closed {
+		return
+	}
+	if events&unix.EPOLLERR != 0 {
+		// Reset, refused or timed out: pass it on as a reset.
+		c.close(true)
+		return
+	}
+	from, to := &c.up, &c.down // from reads fd, to writes it
+	if int(fd) == c.cfd {
+		from, to = &c.down, &c.up
+	}
+	ok := true
+	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+		ok = from.move(to.eof)
+	}
+	if ok && events&(unix.EPOLLOUT|unix.EPOLLHUP) != 0 && to.n > 0 {
+		ok = to.move(from.eof)
+	}
+	switch {
+	case !ok:
+		c.close(true)
+	case c.up.eof && c.down.eof:
+		c.close(false)
 	}
 }
 
-// close closes both sockets, with RST instead of FIN when reset is set.
+// close closes both sockets, with RST instead of FIN when reset is set. It
+// runs on the connection's loop (or before the connection has one).
 func (c *tcpConn) close(reset bool) {
-	c.mu.Lock()
 	if c.closed {
-		c.mu.Unlock()
 		return
 	}
 	c.closed = true
-	child := c.child
-	c.mu.Unlock()
-	if reset {
-		_ = c.parent.SetLinger(0)
-		if child != nil {
-			if rc, err := child.SyscallConn(); err == nil {
-				setResetOnClose(rc)
-			}
+	for _, fd := range []int{c.pfd, c.cfd} {
+		if fd < 0 {
+			continue
+		}
+		c.loop.forget(fd)
+		if reset {
+			resetClose(fd)
+		} else {
+			unix.Close(fd)
 		}
 	}
-	c.parent.Close()
-	if child != nil {
-		child.Close()
-	}
+	c.up.release()
+	c.down.release()
+	c.port.mu.Lock()
+	delete(c.port.conns, c)
+	c.port.mu.Unlock()
 }
 
 // logLimiter prints each kind of message at most once every logEvery, so a
