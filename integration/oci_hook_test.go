@@ -36,6 +36,7 @@ func hostHTTPServer(t *testing.T) int {
 // reaches a host server, and kill+delete leaves nothing of ours behind.
 func TestPublishThroughOCIHook(t *testing.T) {
 	testenv.RequireRoot(t)
+	rootlessctl := testenv.RequireBinary(t, "rootlessctl")
 	u := testenv.Unprivileged(t)
 	cases := []struct {
 		net, driver string
@@ -103,6 +104,25 @@ func TestPublishThroughOCIHook(t *testing.T) {
 					t.Errorf("container → host server at %s:%d: %v: %q", gw, hostPort, err, out)
 				}
 
+				// The attachment's API socket serves rootlessctl, unmodified.
+				ctl := func(args ...string) (string, error) {
+					out, err := u.Cmd(rootlessctl, append([]string{"--socket", filepath.Join(stateDir, "api.sock")}, args...)...).CombinedOutput()
+					return string(out), err
+				}
+				if out, err := ctl("list-ports"); err != nil || !strings.Contains(out, fmt.Sprint(tcpPort)) {
+					t.Errorf("rootlessctl list-ports: %v:\n%s", err, out)
+				}
+				ports := []int{tcpPort}
+				if tc.driver != "implicit" { // pasta takes its ports at start only
+					added := freePort(t)
+					if out, err := ctl("add-ports", fmt.Sprintf("127.0.0.1:%d:8080/tcp", added)); err != nil {
+						t.Errorf("rootlessctl add-ports: %v:\n%s", err, out)
+					} else if reply, err := askTCP(fmt.Sprintf("127.0.0.1:%d", added), "added"); err != nil || !strings.HasSuffix(reply, " added") {
+						t.Errorf("through the port rootlessctl added: %q, %v", reply, err)
+					}
+					ports = append(ports, added)
+				}
+
 				procs := testenv.AttachmentProcesses(t, stateDir)
 				if len(procs) == 0 {
 					t.Fatalf("no forwarder processes recorded in %s", stateDir)
@@ -112,11 +132,50 @@ func TestPublishThroughOCIHook(t *testing.T) {
 				if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
 					t.Errorf("state dir %s still there after poststop (err %v)", stateDir, err)
 				}
-				if _, err := askTCP(fmt.Sprintf("127.0.0.1:%d", tcpPort), "ping"); err == nil {
-					t.Errorf("port %d still answers after the container was deleted", tcpPort)
+				for _, p := range ports {
+					if _, err := askTCP(fmt.Sprintf("127.0.0.1:%d", p), "ping"); err == nil {
+						t.Errorf("port %d still answers after the container was deleted", p)
+					}
 				}
 			})
 		}
+	}
+}
+
+// TestOCIHookDefaultStateDir runs the hooks as installed, without
+// XDG_RUNTIME_DIR (runc and crun give a hook only its own env): the state
+// lands in the user's fallback directory, where crun's createContainer hook
+// finds it from inside the container, and poststop removes it.
+func TestOCIHookDefaultStateDir(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBinary(t, "slirp4netns")
+	u := testenv.Unprivileged(t)
+	for _, rt := range ociRuntimes {
+		t.Run(rt.name, func(t *testing.T) {
+			port := freePort(t)
+			annotations := map[string]string{"io.portkit.ports": fmt.Sprintf("127.0.0.1:%d:8080/tcp", port)}
+			b := newOCIBundle(t, rt, u, annotations, "/echod", "-tcp", ":8080")
+			b.start(t)
+			var stateDir string
+			for _, base := range []string{fmt.Sprintf("/run/user/%d/portkit", u.UID), fmt.Sprintf("/tmp/portkit-%d", u.UID)} {
+				if _, err := os.Stat(filepath.Join(base, "oci", b.id, "api.sock")); err == nil {
+					stateDir = filepath.Join(base, "oci", b.id)
+					break
+				}
+			}
+			if stateDir == "" {
+				t.Fatalf("no state dir with api.sock for %s under /run/user/%d/portkit or /tmp/portkit-%d", b.id, u.UID, u.UID)
+			}
+			if reply, err := askTCPRetry(fmt.Sprintf("127.0.0.1:%d", port), "ping", 10*time.Second); err != nil || !strings.HasPrefix(reply, "127.0.0.1:") || !strings.HasSuffix(reply, " ping") {
+				t.Fatalf("TCP through the published port: %q, %v", reply, err)
+			}
+			procs := testenv.AttachmentProcesses(t, stateDir)
+			b.stop(t)
+			testenv.WaitGone(t, procs, 5*time.Second)
+			if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
+				t.Errorf("state dir %s still there after poststop (err %v)", stateDir, err)
+			}
+		})
 	}
 }
 
@@ -131,18 +190,52 @@ func TestOCIHookRejectsBadPortsAnnotation(t *testing.T) {
 			annotations := map[string]string{"io.portkit.ports": "8080:80/sctp"}
 			b := newOCIBundle(t, rt, u, annotations, "/echod", "-tcp", ":8080")
 			b.setHookEnv(t, "XDG_RUNTIME_DIR="+xdg)
-			out, err := b.run("run", "-d", b.id)
-			t.Cleanup(func() { _, _ = b.run("delete", "--force", b.id) })
-			if err == nil {
-				t.Fatalf("%s run succeeded with a bad io.portkit.ports; output:\n%s", rt.name, out)
-			}
-			if !strings.Contains(out, `io.portkit.ports="8080:80/sctp"`) {
-				t.Errorf("error does not name the annotation and value:\n%s", out)
-			}
-			entries, _ := os.ReadDir(filepath.Join(xdg, "portkit", "oci"))
-			if len(entries) != 0 {
-				t.Errorf("state left behind: %v", entries)
-			}
+			b.runFails(t, xdg, `io.portkit.ports="8080:80/sctp"`)
 		})
+	}
+}
+
+// TestOCIHookTakenPortLeavesNothing: a published port that another process
+// holds makes the container fail to start (with rootless crun, from the
+// createContainer hook, after the forwarder tried), the error names the
+// port, and no process or state of ours is left.
+func TestOCIHookTakenPortLeavesNothing(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBinary(t, "slirp4netns")
+	u := testenv.Unprivileged(t)
+	taken, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	port := taken.Addr().(*net.TCPAddr).Port
+	for _, rt := range ociRuntimes {
+		t.Run(rt.name, func(t *testing.T) {
+			xdg := u.Dir(t)
+			spec := fmt.Sprintf("127.0.0.1:%d:8080/tcp", port)
+			annotations := map[string]string{"io.portkit.net": "slirp4netns", "io.portkit.port-driver": "builtin", "io.portkit.ports": spec}
+			b := newOCIBundle(t, rt, u, annotations, "/echod", "-tcp", ":8080")
+			b.setHookEnv(t, "XDG_RUNTIME_DIR="+xdg)
+			b.runFails(t, xdg, spec, "address already in use")
+		})
+	}
+}
+
+// TestOCIHookCrunNeedsCreateContainerHook: rootless crun hides the
+// container's netns from createRuntime, so without the createContainer
+// hook the container must not start, and the error says what to add.
+func TestOCIHookCrunNeedsCreateContainerHook(t *testing.T) {
+	testenv.RequireRoot(t)
+	u := testenv.Unprivileged(t)
+	for _, rt := range ociRuntimes {
+		if rt.name != "crun" {
+			continue
+		}
+		xdg := u.Dir(t)
+		annotations := map[string]string{"io.portkit.net": "slirp4netns", "io.portkit.ports": "127.0.0.1:18080:8080/tcp"}
+		b := newOCIBundle(t, rt, u, annotations, "/echod", "-tcp", ":8080")
+		b.setHookEnv(t, "XDG_RUNTIME_DIR="+xdg)
+		b.editConfig(t, func(cfg map[string]any) { delete(cfg["hooks"].(map[string]any), "createContainer") })
+		b.runFails(t, xdg, "permission denied", `"args": ["portkit-oci-hook", "createContainer"]`, "hooks.createContainer")
 	}
 }

@@ -282,8 +282,23 @@ func shellJoin(args []string) string {
 	return strings.Join(q, " ")
 }
 
-// setHookEnv adds env entries to both hooks in the bundle's config.
+// setHookEnv adds env entries to every hook in the bundle's config.
 func (b *ociBundle) setHookEnv(t *testing.T, env ...string) {
+	t.Helper()
+	b.editConfig(t, func(cfg map[string]any) {
+		for _, stage := range cfg["hooks"].(map[string]any) {
+			for _, h := range stage.([]any) {
+				hook := h.(map[string]any)
+				for _, e := range env {
+					hook["env"] = append(hook["env"].([]any), e)
+				}
+			}
+		}
+	})
+}
+
+// editConfig rewrites the bundle's config.json through edit.
+func (b *ociBundle) editConfig(t *testing.T, edit func(cfg map[string]any)) {
 	t.Helper()
 	path := filepath.Join(b.dir, "config.json")
 	var cfg map[string]any
@@ -294,20 +309,50 @@ func (b *ociBundle) setHookEnv(t *testing.T, env ...string) {
 	if err := json.Unmarshal(data, &cfg); err != nil {
 		t.Fatal(err)
 	}
-	for _, stage := range cfg["hooks"].(map[string]any) {
-		for _, h := range stage.([]any) {
-			hook := h.(map[string]any)
-			for _, e := range env {
-				hook["env"] = append(hook["env"].([]any), e)
-			}
-		}
-	}
+	edit(cfg)
 	data, err = json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// runFails runs the container, expects the runtime to refuse it with an
+// error containing each of want, and checks that nothing of portkit's is
+// left: no state under xdg, no process naming the container's state dir.
+func (b *ociBundle) runFails(t *testing.T, xdg string, want ...string) {
+	t.Helper()
+	out, err := b.run("run", "-d", b.id)
+	t.Cleanup(func() { _, _ = b.run("delete", "--force", b.id) })
+	if err == nil {
+		t.Fatalf("%s run succeeded; want it refused; output:\n%s", b.rt.name, out)
+	}
+	t.Logf("%s run refused it:\n%s", b.rt.name, out)
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Errorf("%s run error does not say %q:\n%s", b.rt.name, w, out)
+		}
+	}
+	stateDir := filepath.Join(xdg, "portkit", "oci", b.id)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		left := testenv.ProcessesMentioning(stateDir)
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("processes left behind: %s", strings.Join(left, "; "))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(xdg, "portkit", "oci")); len(entries) != 0 {
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		t.Errorf("state left behind in %s: %v", filepath.Join(xdg, "portkit", "oci"), names)
 	}
 }
 

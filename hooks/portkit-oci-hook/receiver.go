@@ -289,8 +289,9 @@ func receiverMain(dir string) int {
 			return holdNetns(logger, d, plan, supervisor, sigs)
 		}
 	}
+	err = fmt.Errorf("container %s: %w", plan.ID, err)
 	answer(conn, err)
-	return giveUp("container %s: %v", plan.ID, err)
+	return giveUp("%v", err)
 }
 
 // holdNetns keeps the netns descriptor (and so /proc/self/fd/N) alive until
@@ -489,8 +490,12 @@ func hostUID() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	euid := os.Geteuid()
-	for _, line := range strings.Split(string(data), "\n") {
+	return mapUID(string(data), os.Geteuid())
+}
+
+// mapUID maps uid through a uid_map's "INSIDE OUTSIDE COUNT" lines.
+func mapUID(uidMap string, euid int) (int, error) {
+	for _, line := range strings.Split(uidMap, "\n") {
 		var inside, outside, count int
 		if _, err := fmt.Sscan(line, &inside, &outside, &count); err != nil {
 			continue

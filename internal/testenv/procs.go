@@ -98,3 +98,27 @@ func WaitGone(t testing.TB, procs []state.Process, timeout time.Duration) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// ProcessesMentioning lists the live processes whose command line contains
+// s, as "PID COMMAND LINE" (a state directory's path names the spawned
+// processes of one attachment: forwarder, supervisor, the OCI hook's netns
+// receiver).
+func ProcessesMentioning(s string) []string {
+	var out []string
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		data, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil || !strings.Contains(string(data), s) {
+			continue
+		}
+		if p, err := state.ProcessOf(pid); err != nil || !p.Alive() {
+			continue // gone, or a zombie
+		}
+		out = append(out, e.Name()+" "+strings.TrimSpace(strings.ReplaceAll(string(data), "\x00", " ")))
+	}
+	return out
+}
