@@ -218,6 +218,20 @@ func run(ctx context.Context, cfg Config, ready func(), opts runOptions) (err er
 	if err := f.openState(); err != nil {
 		return err
 	}
+	// The API socket listens from the start, so a client (or CHECK) that
+	// comes while the network and ports are set up waits in the backlog
+	// instead of finding no socket; it is served once everything is up.
+	sock := f.dir.Join(state.APISocket)
+	l, err := api.Listen(sock)
+	if err != nil {
+		return fmt.Errorf("forwarder: %w", err)
+	}
+	f.written = append(f.written, state.APISocket)
+	defer func() {
+		if err != nil {
+			l.Close()
+		}
+	}()
 	if err := f.startNetwork(ctx); err != nil {
 		return err
 	}
@@ -228,12 +242,6 @@ func run(ctx context.Context, cfg Config, ready func(), opts runOptions) (err er
 		return err
 	}
 
-	sock := f.dir.Join(state.APISocket)
-	l, err := api.Listen(sock)
-	if err != nil {
-		return fmt.Errorf("forwarder: %w", err)
-	}
-	f.written = append(f.written, state.APISocket)
 	srvCtx, stopServing := context.WithCancel(context.Background())
 	defer stopServing()
 	served := make(chan error, 1)
