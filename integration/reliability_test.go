@@ -250,14 +250,12 @@ func TestSlirp4netnsKilledCheckNamesItAndItComesBack(t *testing.T) {
 	syscall.Kill(fwd.PID, syscall.SIGCONT)
 	held = false
 	resumed := time.Now()
-	// CHECK passes again once a new slirp4netns runs — except that the new
-	// one gives eth0 a new random MAC, which CHECK (rightly) finds differs
-	// from the ADD result. Until the network keeps its MAC across restarts
-	// (reported), that one complaint is accepted here and logged.
+	// CHECK passes again once a new slirp4netns runs, with the MAC the ADD
+	// result carries (the forwarder chose it once, at spawn).
 	var checkErr error
 	took, ok := waitFor(15*time.Second, func() bool {
 		checkErr = rt.check(t, list, a)
-		return checkErr == nil || strings.Contains(checkErr.Error(), "has MAC")
+		return checkErr == nil
 	})
 	if !ok {
 		log, _ := os.ReadFile(filepath.Join(dir, state.LogFile))
@@ -269,9 +267,6 @@ func TestSlirp4netnsKilledCheckNamesItAndItComesBack(t *testing.T) {
 	}
 	t.Logf("slirp4netns %d killed; process tree healthy again %v after the forwarder resumed (new slirp4netns %d, %v after the kill)",
 		slirp.PID, took.Round(time.Millisecond), newSlirp.PID, time.Since(killed).Round(time.Millisecond))
-	if checkErr != nil {
-		t.Logf("KNOWN BUG (network: MAC not kept across a restart): CHECK after recovery: %v", checkErr)
-	}
 	_ = resumed
 	// The published port works again (builtin dials the child's address on eth0).
 	if _, ok := waitFor(5*time.Second, func() bool { return ping(addr, "after-slirp") == nil }); !ok {
@@ -356,11 +351,9 @@ func TestPastaKilledCheckNamesItAndPortsComeBack(t *testing.T) {
 	var checkErr error
 	if _, ok := waitFor(5*time.Second, func() bool {
 		checkErr = rt.check(t, list, a)
-		return checkErr == nil || strings.Contains(checkErr.Error(), "has MAC")
+		return checkErr == nil
 	}); !ok {
 		t.Errorf("CHECK after pasta came back: %v", checkErr)
-	} else if checkErr != nil {
-		t.Logf("KNOWN BUG (network: MAC not kept across a restart): CHECK after recovery: %v", checkErr)
 	}
 	checkIdle(t, "usernet supervisor (pasta)", sup.PID)
 	if err := rt.del(t, list, a); err != nil {

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/portkit/portkit/libport/network"
 	"github.com/portkit/portkit/libport/state"
 )
 
@@ -135,6 +136,16 @@ func Spawn(cfg Config) (pid int, err error) {
 		if err := d.Remove(name); err != nil {
 			return 0, fmt.Errorf("spawn forwarder: %w", err)
 		}
+	}
+	if cfg.Network != nil && cfg.Network.MAC == "" {
+		// Chosen once here so a restarted forwarder's network keeps the
+		// container's MAC (CNI CHECK compares it with the ADD result).
+		n := *cfg.Network
+		if n.MAC, err = network.RandomMAC(); err != nil {
+			cleanup()
+			return 0, fmt.Errorf("spawn forwarder: %w", err)
+		}
+		cfg.Network = &n
 	}
 	if err := d.WriteJSON(state.ConfigFile, cfg); err != nil {
 		cleanup()

@@ -63,6 +63,7 @@ type Config struct {
 	APISocket           string         // slirp4netns --api-socket (the slirp4netns port driver needs it)
 	Ports               []libport.Spec // pasta -t/-u at start (pasta cannot change ports later)
 	IfName              string         // interface in the child, default tap0
+	MAC                 string         // of IfName; default a random locally administered one
 }
 
 // Default fills the zero fields of c with their defaults.
@@ -86,6 +87,11 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("network backend is empty: want one of %s", strings.Join(Backends, ", "))
 	default:
 		return fmt.Errorf("unknown network backend %q: want one of %s", c.Backend, strings.Join(Backends, ", "))
+	}
+	if c.MAC != "" {
+		if _, err := net.ParseMAC(c.MAC); err != nil {
+			return fmt.Errorf("network MAC %q: %w", c.MAC, err)
+		}
 	}
 	if c.NetnsPath == "" {
 		return errors.New("network namespace path is empty: give the child's /proc/PID/ns/net or a bind mount of it")
@@ -323,9 +329,19 @@ func (n *Network) addressing(cfg *Config) error {
 	return nil
 }
 
-// randomMAC makes a locally administered unicast address, so the MAC we
-// report is the one we told the backend to set.
-func randomMAC() (string, error) {
+// macFor is cfg.MAC, or a new random one: the MAC we report is always the
+// one we told the backend to set.
+func macFor(cfg *Config) (string, error) {
+	if cfg.MAC != "" {
+		return cfg.MAC, nil
+	}
+	return RandomMAC()
+}
+
+// RandomMAC makes a locally administered unicast address. A caller that
+// restarts the network (a supervised forwarder) picks one once and passes it
+// as Config.MAC, so the container keeps its MAC.
+func RandomMAC() (string, error) {
 	b := make([]byte, 6)
 	if _, err := rand.Read(b); err != nil {
 		return "", err

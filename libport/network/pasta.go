@@ -28,7 +28,7 @@ func startPasta(ctx context.Context, cfg *Config) (*Network, error) {
 	if err := n.addressing(cfg); err != nil {
 		return nil, err
 	}
-	if n.MAC, err = randomMAC(); err != nil {
+	if n.MAC, err = macFor(cfg); err != nil {
 		return nil, err
 	}
 	ones, _ := n.IP.Mask.Size()

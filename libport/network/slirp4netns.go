@@ -127,7 +127,7 @@ func startSlirp4netns(ctx context.Context, cfg *Config) (*Network, error) {
 		}
 	}
 	if feat.MACAddress {
-		if n.MAC, err = randomMAC(); err != nil {
+		if n.MAC, err = macFor(cfg); err != nil {
 			readyW.Close()
 			exitR.Close()
 			exitW.Close()
