@@ -284,13 +284,19 @@ func receiverMain(dir string) int {
 		var supervisor int
 		supervisor, err = forwarder.Spawn(plan.Forwarder)
 		if err == nil {
-			answer(conn, nil)
-			conn.Close()
-			return holdNetns(logger, d, plan, supervisor, sigs)
+			if err = answer(conn, nil); err == nil {
+				conn.Close()
+				return holdNetns(logger, d, plan, supervisor, sigs)
+			}
+			// The hook is gone, so the runtime will not start the container.
+			err = fmt.Errorf("the createContainer hook went away before the forwarder was ready (%w); stopping the forwarder", err)
+			if serr := forwarder.Stop(plan.Forwarder.StateDir); serr != nil {
+				logger.Print(serr)
+			}
 		}
 	}
 	err = fmt.Errorf("container %s: %w", plan.ID, err)
-	answer(conn, err)
+	_ = answer(conn, err)
 	return giveUp("%v", err)
 }
 
@@ -404,13 +410,14 @@ func closeAll(fds []int) {
 }
 
 // answer tells the createContainer hook "ok" or why not.
-func answer(conn *net.UnixConn, err error) {
+func answer(conn *net.UnixConn, err error) error {
 	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
 	msg := "ok\n"
 	if err != nil {
 		msg = err.Error()
 	}
-	_, _ = io.WriteString(conn, msg)
+	_, werr := io.WriteString(conn, msg)
+	return werr
 }
 
 // handOverNetns is the createContainer hook: it runs inside the container's

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestMapUID(t *testing.T) {
@@ -58,5 +61,63 @@ func TestFindCreateContainerHook(t *testing.T) {
 	}
 	if err := findCreateContainerHook(""); err == nil {
 		t.Error("no bundle: want an error")
+	}
+}
+
+// TestReceiveNetnsRefuses sends the receiver what a confused or hostile
+// peer might: it takes only one network namespace, not the host's, with
+// the message naming its container.
+func TestReceiveNetnsRefuses(t *testing.T) {
+	hostNetns, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hostNetns.Close()
+	notNetns, err := os.Open("/proc/self/ns/uts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notNetns.Close()
+	tests := []struct {
+		name, msg string
+		fds       []int
+		want      string
+	}{
+		{"no descriptor", "netns c1\n", nil, "want one namespace descriptor"},
+		{"two descriptors", "netns c1\n", []int{int(hostNetns.Fd()), int(notNetns.Fd())}, "want one namespace descriptor"},
+		{"another container", "netns c2\n", []int{int(hostNetns.Fd())}, "unexpected message"},
+		{"not a netns", "netns c1\n", []int{int(notNetns.Fd())}, "not a network namespace"},
+		{"the host's netns", "netns c1\n", []int{int(hostNetns.Fd())}, "shares the host's network namespace"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(pair[1])
+			f := os.NewFile(uintptr(pair[0]), "receiver end")
+			c, err := net.FileConn(f)
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			var oob []byte
+			if len(tc.fds) > 0 {
+				oob = unix.UnixRights(tc.fds...)
+			}
+			if err := unix.Sendmsg(pair[1], []byte(tc.msg), oob, nil, 0); err != nil {
+				t.Fatal(err)
+			}
+			fd, err := receiveNetns(c.(*net.UnixConn), "c1")
+			if err == nil {
+				unix.Close(fd)
+				t.Fatal("accepted")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q, want it to say %q", err, tc.want)
+			}
+		})
 	}
 }
