@@ -25,22 +25,24 @@ func (r *results) chart(path string, sums map[string]map[string]summary) error {
 	if len(names) == 0 {
 		return fmt.Errorf("no contender has figures to draw")
 	}
-	tput, err := barPlot("TCP throughput through 127.0.0.1:P (median)", "Gbit/s", names, sums, []series{
+	width := vg.Length(120+70*len(names)) * vg.Millimeter / 4
+	if width < 16*vg.Centimeter {
+		width = 16 * vg.Centimeter
+	}
+	// Each contender's group takes 80% of its share of the x axis.
+	group := (width - 2*vg.Centimeter) / vg.Length(len(names)) * 0.8
+	tput, err := barPlot("TCP throughput through 127.0.0.1:P (median)", "Gbit/s", names, sums, group, []series{
 		{"host→child, 1 stream", "tcp_h2c_1"}, {"child→host, 1 stream", "tcp_c2h_1"},
 		{"host→child, 4 streams", "tcp_h2c_4"}, {"child→host, 4 streams", "tcp_c2h_4"},
 	})
 	if err != nil {
 		return err
 	}
-	conns, err := barPlot("Short connections (connect, 32 B request, 32 B reply, close)", "connections/s", names, sums, []series{
+	conns, err := barPlot("Short connections (connect, 32 B request, 32 B reply, close)", "connections/s", names, sums, group, []series{
 		{"1 client", "conn_1"}, {"16 clients", "conn_16"},
 	})
 	if err != nil {
 		return err
-	}
-	width := vg.Length(120+70*len(names)) * vg.Millimeter / 4
-	if width < 16*vg.Centimeter {
-		width = 16 * vg.Centimeter
 	}
 	img := vgimg.New(width, 20*vg.Centimeter)
 	dc := draw.New(img)
@@ -59,13 +61,13 @@ var palette = []color.Color{
 	color.RGBA{0x2c, 0xa0, 0x2c, 0xff}, color.RGBA{0xd6, 0x27, 0x28, 0xff},
 }
 
-func barPlot(title, unit string, names []string, sums map[string]map[string]summary, ss []series) (*plot.Plot, error) {
+func barPlot(title, unit string, names []string, sums map[string]map[string]summary, group vg.Length, ss []series) (*plot.Plot, error) {
 	p := plot.New()
 	p.Title.Text = title
 	p.Y.Label.Text = unit
 	p.Y.Min = 0
 	p.Legend.Top = true
-	width := vg.Points(float64(60) / float64(len(ss)))
+	width := group / vg.Length(len(ss))
 	top := 0.0
 	for _, s := range ss {
 		for _, n := range names {
