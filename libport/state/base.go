@@ -56,7 +56,7 @@ func initialUserns() bool {
 // that it is a real directory, ours, and private.
 func privateDir(path string) (string, error) {
 	if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", fmt.Errorf("create state base dir %s: %w", path, err)
+		return "", &createError{what: "state base dir", path: path, err: err}
 	}
 	if err := checkPath(path); err != nil {
 		return "", err

@@ -60,10 +60,24 @@ func Create(path string) (*Dir, error) {
 	}
 	path = filepath.Clean(path)
 	if err := os.MkdirAll(path, 0o700); err != nil {
-		return nil, fmt.Errorf("create state dir %s: %w", path, err)
+		return nil, &createError{what: "state dir", path: path, err: err}
 	}
 	return Open(path)
 }
+
+// ErrCannotCreate matches the error of a state directory that did not exist
+// and could not be made (read-only or full file system, no permission): no
+// attachment can have been recorded in it, so there is nothing to clean up.
+var ErrCannotCreate = errors.New("state directory cannot be created")
+
+type createError struct {
+	what, path string
+	err        error
+}
+
+func (e *createError) Error() string        { return fmt.Sprintf("create %s %s: %v", e.what, e.path, e.err) }
+func (e *createError) Unwrap() error        { return e.err }
+func (e *createError) Is(target error) bool { return target == ErrCannotCreate }
 
 // Open opens the existing state directory at path. It refuses a symlink, a
 // directory owned by another user, and one that group or others may enter.

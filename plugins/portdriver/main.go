@@ -269,6 +269,12 @@ func cmdDel(args *skel.CmdArgs) error {
 		return cniconf.Error(err)
 	}
 	store, err := attachment.Open()
+	if errors.Is(err, state.ErrCannotCreate) {
+		// The state directory never existed and cannot be made now: no ADD
+		// recorded anything, so there is nothing to delete (a runtime would
+		// otherwise retry this DEL for ever).
+		return nil
+	}
 	if err != nil {
 		return cniconf.Error(fmt.Errorf("portdriver DEL: state: %w", err))
 	}
