@@ -196,6 +196,10 @@ func (r *report) summary(took time.Duration, logPath string) bool {
 		verdict, r.pkgOK, len(r.pkgFail), r.pkgNoTests, r.passed, len(r.failed), len(r.skipped), took.Round(time.Second))
 	if logPath != "" {
 		fmt.Fprintf(w, "full output: %s\n", logPath)
+		// The plain count, also kept beside the log for .ci/run's last line.
+		plain := fmt.Sprintf("%d passed, %d failed, %d skipped", r.passed, len(r.failed), len(r.skipped))
+		_ = os.WriteFile(strings.TrimSuffix(logPath, ".log")+".summary", []byte(plain+"\n"), 0o644)
 	}
+	fmt.Fprintf(w, "tests: %d passed, %d failed, %d skipped\n", r.passed, len(r.failed), len(r.skipped))
 	return verdict == "FAIL"
 }
