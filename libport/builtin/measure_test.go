@@ -13,6 +13,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -166,6 +167,7 @@ func TestMeasurePerformance(t *testing.T) {
 	}
 	for _, c := range contenders {
 		add("forwarder+helper RSS MiB idle "+c.name, float64(treeRSS(t, c.pid))/1024)
+		add("forwarder+helper PSS MiB idle "+c.name, float64(treePSS(t, c.pid))/1024)
 	}
 	for r := 0; r < reps; r++ {
 		if part("throughput") {
@@ -208,6 +210,28 @@ func TestMeasurePerformance(t *testing.T) {
 	}
 	for _, c := range contenders {
 		add("forwarder+helper RSS MiB after "+c.name, float64(treeRSS(t, c.pid))/1024)
+		add("forwarder+helper PSS MiB after "+c.name, float64(treePSS(t, c.pid))/1024)
+	}
+	// Memory per idle connection: 1000 connections that send nothing (the
+	// request/reply server waits for their request).
+	if part("conn") || part("memory") {
+		for _, c := range contenders {
+			before := treeRSS(t, c.pid)
+			var idle []net.Conn
+			for range 1000 {
+				conn, err := net.Dial("tcp4", hostPort("127.0.0.1", c.rr))
+				if err != nil {
+					t.Fatalf("idle connection %d: %v", len(idle), err)
+				}
+				idle = append(idle, conn)
+			}
+			time.Sleep(500 * time.Millisecond)
+			after := treeRSS(t, c.pid)
+			add("forwarder+helper RSS KiB per idle conn "+c.name, float64(after-before)/1000)
+			for _, conn := range idle {
+				conn.Close()
+			}
+		}
 	}
 	median := func(v []float64) float64 {
 		s := slices.Clone(v)
@@ -313,6 +337,34 @@ func treeRSS(t *testing.T, pid int) int {
 		for _, k := range strings.Fields(string(kids)) {
 			if kp, err := strconv.Atoi(k); err == nil {
 				total += treeRSS(t, kp)
+			}
+		}
+	}
+	return total
+}
+
+// treePSS is the proportional set size in KiB of pid and its descendants:
+// pages shared between them (the binary's text, which the helper re-executes)
+// count once, not once per process as in treeRSS.
+func treePSS(t *testing.T, pid int) int {
+	t.Helper()
+	total := 0
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Pss:"); ok {
+			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			total += kb
+		}
+	}
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, task := range tasks {
+		kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		for _, k := range strings.Fields(string(kids)) {
+			if kp, err := strconv.Atoi(k); err == nil {
+				total += treePSS(t, kp)
 			}
 		}
 	}
