@@ -218,20 +218,6 @@ func run(ctx context.Context, cfg Config, ready func(), opts runOptions) (err er
 	if err := f.openState(); err != nil {
 		return err
 	}
-	// The API socket listens from the start, so a client (or CHECK) that
-	// comes while the network and ports are set up waits in the backlog
-	// instead of finding no socket; it is served once everything is up.
-	sock := f.dir.Join(state.APISocket)
-	l, err := api.Listen(sock)
-	if err != nil {
-		return fmt.Errorf("forwarder: %w", err)
-	}
-	f.written = append(f.written, state.APISocket)
-	defer func() {
-		if err != nil {
-			l.Close()
-		}
-	}()
 	if err := f.startNetwork(ctx); err != nil {
 		return err
 	}
@@ -242,6 +228,15 @@ func run(ctx context.Context, cfg Config, ready func(), opts runOptions) (err er
 		return err
 	}
 
+	// The API socket appears only once the network and every port are up:
+	// clients (and our tests, and nerdctl-style launch scripts) take its
+	// existence as "ready".
+	sock := f.dir.Join(state.APISocket)
+	l, err := api.Listen(sock)
+	if err != nil {
+		return fmt.Errorf("forwarder: %w", err)
+	}
+	f.written = append(f.written, state.APISocket)
 	srvCtx, stopServing := context.WithCancel(context.Background())
 	defer stopServing()
 	served := make(chan error, 1)
