@@ -175,8 +175,8 @@ func (l *evLoop) runCmds() bool {
 	}
 }
 
-// loopSet is the driver's loops: one per CPU the process may use, started
-// with the first TCP port.
+// loopSet is the driver's loops: one per CPU the process may use but one,
+// started with the first TCP port.
 type loopSet struct {
 	mu    sync.Mutex
 	loops []*evLoop
@@ -188,7 +188,9 @@ func (s *loopSet) get() ([]*evLoop, error) {
 	if s.loops != nil {
 		return s.loops, nil
 	}
-	n := min(runtime.GOMAXPROCS(0), runtime.NumCPU())
+	// One P stays free: with every P held by a loop blocked in epoll_wait,
+	// Go's sysmon takes them back on every tick and never backs off.
+	n := max(min(runtime.GOMAXPROCS(0), runtime.NumCPU())-1, 1)
 	var loops []*evLoop
 	for range max(n, 1) {
 		l, err := newEvLoop()
