@@ -9,6 +9,7 @@ package builtin
 // events. The loops know nothing of namespaces: all sockets are plain fds.
 
 import (
+	"net"
 	"runtime"
 	"sync"
 
@@ -178,13 +179,17 @@ func (l *evLoop) runCmds() bool {
 // loopSet is the driver's loops: one per CPU the process may use but one,
 // started with the first TCP port.
 type loopSet struct {
-	mu    sync.Mutex
-	loops []*evLoop
+	mu      sync.Mutex
+	loops   []*evLoop
+	stopped bool // the driver closed: an Add racing with Close starts none
 }
 
 func (s *loopSet) get() ([]*evLoop, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.stopped {
+		return nil, net.ErrClosed
+	}
 	if s.loops != nil {
 		return s.loops, nil
 	}
@@ -210,6 +215,7 @@ func (s *loopSet) stop() {
 	s.mu.Lock()
 	loops := s.loops
 	s.loops = nil
+	s.stopped = true
 	s.mu.Unlock()
 	for _, l := range loops {
 		l.stop()

@@ -11,6 +11,7 @@ package builtin
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -24,6 +25,7 @@ import (
 	"time"
 
 	"github.com/portkit/portkit/internal/testenv"
+	"github.com/portkit/portkit/libport"
 )
 
 func TestMeasurePerformance(t *testing.T) {
@@ -52,7 +54,7 @@ func TestMeasurePerformance(t *testing.T) {
 	// Two forwarders: source IP on (the default) and off, for peer clients.
 	pRR, pIperf := freePort(t, "tcp4"), freePort(t, "tcp4")
 	line, ok, fwd := forwarderPID(t, u, bin, n.Path, "helper", "tcp",
-		fmt.Sprintf("%d:%d/tcp4", pRR, rrChild), fmt.Sprintf("%d:%d/tcp4", pIperf, iperfChild))
+		fmt.Sprintf("%d:%d/tcp4", pRR, rrChild), fmt.Sprintf("%d:%d/tcp4", pIperf, iperfChild), fmt.Sprintf("%d:%d/udp4", pIperf, iperfChild))
 	if !ok {
 		t.Fatalf("forwarder: %s", line)
 	}
@@ -69,7 +71,7 @@ func TestMeasurePerformance(t *testing.T) {
 		bbin := copyForUser(t, u, base, "base.test")
 		bRR, bIperf := freePort(t, "tcp4"), freePort(t, "tcp4")
 		line, ok, bfwd := forwarderPID(t, u, bbin, n.Path, "helper", "tcp",
-			fmt.Sprintf("%d:%d/tcp4", bRR, rrChild), fmt.Sprintf("%d:%d/tcp4", bIperf, iperfChild))
+			fmt.Sprintf("%d:%d/tcp4", bRR, rrChild), fmt.Sprintf("%d:%d/tcp4", bIperf, iperfChild), fmt.Sprintf("%d:%d/udp4", bIperf, iperfChild))
 		if !ok {
 			t.Fatalf("base forwarder: %s", line)
 		}
@@ -99,7 +101,7 @@ func TestMeasurePerformance(t *testing.T) {
 		time.Sleep(hold)
 		return
 	}
-	// PORTKIT_MEASURE_ONLY=throughput|conn|peer limits the run to one part.
+	// PORTKIT_MEASURE_ONLY=throughput|udp|conn|peer|memory limits the run to one part.
 	only := os.Getenv("PORTKIT_MEASURE_ONLY")
 	part := func(name string) bool { return only == "" || only == name }
 
@@ -123,6 +125,27 @@ func TestMeasurePerformance(t *testing.T) {
 			t.Fatalf("iperf3 output: %v", err)
 		}
 		return r.End.SumReceived.BitsPerSecond / 1e9
+	}
+	// udpRun offers 2 Gbit/s of 1400-byte datagrams and returns what the
+	// server received, in Gbit/s.
+	udpRun := func(port int) float64 {
+		args := []string{"-c", "127.0.0.1", "-p", strconv.Itoa(port), "-u", "-b", "2G", "-l", "1400", "-t", "3", "-J"}
+		out, err := u.Cmd(iperf, args...).Output()
+		if err != nil {
+			t.Fatalf("iperf3 %v: %v: %s", args, err, out)
+		}
+		var r struct {
+			End struct {
+				Sum struct {
+					BitsPerSecond float64 `json:"bits_per_second"`
+					LostPercent   float64 `json:"lost_percent"`
+				} `json:"sum"`
+			} `json:"end"`
+		}
+		if err := json.Unmarshal(out, &r); err != nil {
+			t.Fatalf("iperf3 output: %v", err)
+		}
+		return r.End.Sum.BitsPerSecond * (1 - r.End.Sum.LostPercent/100) / 1e9
 	}
 	rrRun := func(cmd *exec.Cmd) rrResult {
 		cmd.Env = append(cmd.Env, roleEnv+"=rr-client")
@@ -183,6 +206,15 @@ func TestMeasurePerformance(t *testing.T) {
 					add("throughput "+dir+" Gbit/s "+c.name, gbps)
 					add("forwarder CPU s per GB "+dir+" "+c.name, (cpu(c.pid)-c0).Seconds()/(gbps*4/8)) // 3 s measured + 1 s omitted
 				}
+			}
+		}
+		if part("udp") {
+			add("UDP received at 2 Gbit/s offered, Gbit/s direct", udpRun(iperfHost))
+			for _, c := range contenders {
+				c0 := cpu(c.pid)
+				gbps := udpRun(c.iperf)
+				add("UDP received at 2 Gbit/s offered, Gbit/s "+c.name, gbps)
+				add("forwarder CPU s per GB UDP "+c.name, (cpu(c.pid)-c0).Seconds()/(gbps*3/8))
 			}
 		}
 		if part("conn") {
@@ -256,7 +288,7 @@ func TestMeasurePerformance(t *testing.T) {
 		return x / d
 	}
 	for _, c := range contenders {
-		for _, what := range []string{"throughput host→child Gbit/s", "throughput child→host Gbit/s", "conn/s 1 client(s)", "conn/s 16 client(s)", "p99 µs 1 client(s)", "p99 µs 16 client(s)"} {
+		for _, what := range []string{"throughput host→child Gbit/s", "throughput child→host Gbit/s", "conn/s 1 client(s)", "conn/s 16 client(s)", "p99 µs 1 client(s)", "p99 µs 16 client(s)", "UDP received at 2 Gbit/s offered, Gbit/s"} {
 			fmt.Fprintf(&b, "ratio %s/direct %-30s %6.2f\n", c.name, what, ratio(what, c.name))
 		}
 	}
@@ -369,4 +401,29 @@ func treePSS(t *testing.T, pid int) int {
 		}
 	}
 	return total
+}
+
+// TestMeasureAddLatency times Add of a TCP and a UDP port (the target is
+// 5 ms for add-ports to return).
+func TestMeasureAddLatency(t *testing.T) {
+	if os.Getenv("PORTKIT_MEASURE") == "" {
+		t.Skip("set PORTKIT_MEASURE=1 to measure")
+	}
+	d, n := setup(t, Options{})
+	l := testenv.Listen(t, n.Path, "tcp4", "127.0.0.1:0")
+	serve(l, echo)
+	for _, proto := range []string{"tcp4", "udp4"} {
+		var times []time.Duration
+		for range 20 {
+			spec := libport.Spec{Proto: proto, ParentPort: freePort(t, proto), ChildPort: childPort(l.Addr())}
+			start := time.Now()
+			_, id := publish(t, d, spec)
+			times = append(times, time.Since(start))
+			if err := d.Remove(context.Background(), id); err != nil {
+				t.Fatal(err)
+			}
+		}
+		slices.Sort(times)
+		t.Logf("Add %s: median %v, max %v (20 ports)", proto, times[len(times)/2], times[len(times)-1])
+	}
 }
