@@ -27,6 +27,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -116,7 +117,8 @@ type Driver struct {
 	src     netns.SocketSource
 	opts    Options
 	routing *routing
-	loops   loopSet // the event loops of TCP, started with the first TCP port
+	loops   loopSet     // the event loops of TCP, started with the first TCP port
+	noGSO   atomic.Bool // the kernel refused UDP GSO: send datagrams one by one
 
 	mu     sync.Mutex
 	ports  map[int]port

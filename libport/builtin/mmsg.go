@@ -90,6 +90,58 @@ func (b *batch) sendAll(fd, from, to int) {
 	}
 }
 
+// gsoMaxBytes bounds one UDP GSO send (the kernel takes at most 64 KiB
+// less headers, and at most 64 segments: batchLen is below that).
+const gsoMaxBytes = 65000
+
+// gsoSize reports the segment size if datagrams [from, to) can go as one
+// UDP GSO send: at least two, all of one size but the last (no larger), and
+// 64 KiB at most in total; 0 otherwise.
+func (b *batch) gsoSize(from, to int) int {
+	if to-from < 2 {
+		return 0
+	}
+	size := int(b.hdrs[from].Len)
+	total := 0
+	for k := from; k < to; k++ {
+		n := int(b.hdrs[k].Len)
+		if n == 0 || n > size || (n != size && k != to-1) {
+			return 0
+		}
+		total += n
+	}
+	if total > gsoMaxBytes {
+		return 0
+	}
+	return size
+}
+
+// sendGSO sends datagrams [from, to) (lengths set by setLen) to name, or on
+// a connected socket when name is nil, as one UDP GSO send of segments of
+// size bytes: one trip through the stack instead of one per datagram.
+func (b *batch) sendGSO(fd, from, to, size int, name *rawAddr) error {
+	var oob [24]byte // unix.CmsgSpace(2)
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level = unix.SOL_UDP
+	h.Type = unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	*(*uint16)(unsafe.Pointer(&oob[unix.CmsgLen(0)])) = uint16(size)
+	var msg unix.Msghdr
+	msg.Iov = &b.iovs[from]
+	msg.SetIovlen(to - from)
+	msg.Control = &oob[0]
+	msg.SetControllen(unix.CmsgSpace(2))
+	if name != nil {
+		msg.Name = (*byte)(unsafe.Pointer(&name.sa))
+		msg.Namelen = name.len
+	}
+	_, _, e := unix.Syscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), unix.MSG_NOSIGNAL)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
 // size is the length of received datagram i, truncated reports whether it
 // did not fit (it cannot, for UDP, but the flag is checked anyway).
 func (b *batch) size(i int) (int, bool) {

@@ -49,6 +49,9 @@ type udpPort struct {
 	warn logLimiter
 }
 
+// gsoSends counts UDP GSO sends, for tests.
+var gsoSends atomic.Int64
+
 type udpFlow struct {
 	port        *udpPort
 	client      netip.AddrPort // as the listener saw it (maybe v4-mapped)
@@ -244,6 +247,21 @@ func (f *udpFlow) forward(b *batch, i, j int) {
 	}
 	// Truncated datagrams cannot occur with maxDatagram buffers; nothing to skip.
 	_ = f.rc.Write(func(fd uintptr) bool {
+		if size := b.gsoSize(i, j); size > 0 && !f.port.d.noGSO.Load() {
+			var name *rawAddr
+			if f.transparent {
+				name = &f.port.childRaw
+			}
+			err := b.sendGSO(int(fd), i, j, size, name)
+			if err == nil {
+				gsoSends.Add(1)
+				return true
+			}
+			if err == unix.EINVAL || err == unix.EIO || err == unix.ENOPROTOOPT || err == unix.EOPNOTSUPP {
+				f.port.d.noGSO.Store(true) // a kernel without UDP GSO
+			}
+			// Otherwise (a full buffer, a pending ICMP error) one at a time.
+		}
 		b.sendAll(int(fd), i, j)
 		return true
 	})

@@ -1,6 +1,7 @@
 package builtin
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -227,4 +228,64 @@ func TestUDPRemoveEndsFlows(t *testing.T) {
 		t.Fatalf("port still taken after remove: %v", err)
 	}
 	c.Close()
+}
+
+// TestUDPBurstKeepsDatagramBoundaries: a burst from one client goes into the
+// child as one GSO send where it can; the service must still get every
+// datagram whole and separate.
+func TestUDPBurstKeepsDatagramBoundaries(t *testing.T) {
+	d, n := setup(t, Options{})
+	srv := testenv.ListenPacket(t, n.Path, "udp4", "127.0.0.1:0")
+	spec, _ := publish(t, d, libport.Spec{Proto: "udp4", ChildPort: childPort(srv.LocalAddr())})
+	c, err := net.Dial("udp4", hostPort("127.0.0.1", spec.ParentPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const count, size = 400, 1000
+	sizeOf := func(i int) int {
+		if i%16 == 15 {
+			return size / 2 // a short one ends many runs
+		}
+		return size
+	}
+	got := make(chan []int, 1)
+	go func() {
+		var bad []int
+		seen := 0
+		buf := make([]byte, 2*size)
+		for seen < count {
+			srv.SetReadDeadline(time.Now().Add(2 * time.Second))
+			m, _, err := srv.ReadFrom(buf)
+			if err != nil {
+				break
+			}
+			seen++
+			i := int(buf[0]) | int(buf[1])<<8
+			if m != sizeOf(i) || !bytes.Equal(buf[2:m], bytes.Repeat([]byte{byte(i)}, m-2)) {
+				bad = append(bad, i)
+			}
+		}
+		got <- append(bad, -seen)
+	}()
+	gso0 := gsoSends.Load()
+	for i := range count {
+		msg := bytes.Repeat([]byte{byte(i)}, sizeOf(i))
+		msg[0], msg[1] = byte(i), byte(i>>8)
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if i%32 == 31 {
+			time.Sleep(2 * time.Millisecond) // let the service keep up: loss is not what this tests
+		}
+	}
+	res := <-got
+	seen := -res[len(res)-1]
+	if bad := res[:len(res)-1]; len(bad) > 0 {
+		t.Errorf("datagrams %v arrived with a wrong size or content", bad)
+	}
+	if seen < count*9/10 {
+		t.Errorf("the service got %d of %d datagrams", seen, count)
+	}
+	t.Logf("%d of %d datagrams, %d GSO sends", seen, count, gsoSends.Load()-gso0)
 }
