@@ -522,7 +522,7 @@ func TestParseSourceIP(t *testing.T) {
 	}
 }
 
-// TestClientConnectionsKeepAlive: keep-alive is set once on the listener;
+// TestClientConnectionsKeepAlive: keep-alive and no-delay are set once on the listener;
 // the kernel copies it into every accepted socket.
 func TestClientConnectionsKeepAlive(t *testing.T) {
 	d, n := setup(t, Options{})

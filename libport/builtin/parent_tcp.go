@@ -110,9 +110,12 @@ func setKeepAlive(fd int) error {
 		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount},
+		// Small requests and replies must not wait for Nagle on the
+		// client's hop; accepted sockets inherit this too.
+		{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
 	} {
 		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.v); err != nil {
-			return fmt.Errorf("keep-alive on the listener: %w", err)
+			return fmt.Errorf("keep-alive and no-delay on the listener: %w", err)
 		}
 	}
 	return nil
@@ -203,8 +206,6 @@ func (p *tcpPort) dial(client netip.AddrPort) (int, error) {
 
 // serve starts proxying the accepted parent socket pfd; it runs on lp.
 func (p *tcpPort) serve(lp *evLoop, pfd int, sa unix.Sockaddr) {
-	// Small requests and replies must not wait for Nagle on the client's hop.
-	_ = unix.SetsockoptInt(pfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	c := &tcpConn{port: p, loop: lp, pfd: pfd, cfd: -1}
 	p.mu.Lock()
 	if p.closing {
