@@ -1,12 +1,13 @@
 #!/bin/bash
 # engines-deps.sh: the container engines the engine tests (integration/engines_*_test.go)
 # drive: containerd and Podman from Debian (as root; otherwise the exact
-# apt-get line is printed), and nerdctl and crictl built from the Go module
+# apt-get line is printed), and nerdctl, crictl and cnitool built from the Go module
 # proxy into a cache outside the repository:
 #
 #   $TOOLS_DIR/nerdctl-v1.7.7/nerdctl
 #   $TOOLS_DIR/nerdctl-v1.7.7/containerd-rootless.sh   (nerdctl's extras, unmodified)
 #   $TOOLS_DIR/crictl-v1.34.0/crictl
+#   $TOOLS_DIR/cnitool-v1.3.0/cnitool                   (CNI's own runtime; the README's CNI session)
 #
 # TOOLS_DIR defaults to $HOME/.cache/portkit-tools (the Makefile's). The tests
 # look there (PORTKIT_TOOLS_DIR overrides) and on PATH.
@@ -19,6 +20,7 @@ GO=${GO:-go}
 TOOLS_DIR=${TOOLS_DIR:-$HOME/.cache/portkit-tools}
 NERDCTL_VERSION=${NERDCTL_VERSION:-v1.7.7}
 CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}
+CNITOOL_VERSION=${CNITOOL_VERSION:-v1.3.0}
 
 # ---- Debian packages ---------------------------------------------------------
 # package -> a file it installs.
@@ -96,6 +98,15 @@ if [ ! -x "$crictl_dir/crictl" ]; then
 	mv "$crictl_dir/crictl.tmp" "$crictl_dir/crictl"
 fi
 
+cnitool_dir=$TOOLS_DIR/cnitool-$CNITOOL_VERSION
+if [ ! -x "$cnitool_dir/cnitool" ]; then
+	src=$(module_dir "github.com/containernetworking/cni@$CNITOOL_VERSION")
+	echo "engines-deps: building cnitool $CNITOOL_VERSION into $cnitool_dir"
+	mkdir -p "$cnitool_dir"
+	(cd "$src" && CGO_ENABLED=0 $GO build -o "$cnitool_dir/cnitool.tmp" ./cnitool)
+	mv "$cnitool_dir/cnitool.tmp" "$cnitool_dir/cnitool"
+fi
+
 # The engine tests run these tools as the unprivileged test user too.
-chmod 0755 "$TOOLS_DIR" "$nerdctl_dir" "$crictl_dir"
-echo "engines-deps: nerdctl $nerdctl_dir/nerdctl, crictl $crictl_dir/crictl, containerd $(command -v containerd), podman $(command -v podman)"
+chmod 0755 "$TOOLS_DIR" "$nerdctl_dir" "$crictl_dir" "$cnitool_dir"
+echo "engines-deps: nerdctl $nerdctl_dir/nerdctl, crictl $crictl_dir/crictl, cnitool $cnitool_dir/cnitool, containerd $(command -v containerd), podman $(command -v podman)"
