@@ -105,7 +105,7 @@ func (rt *cniRuntime) call(t *testing.T, req cniRequest) (json.RawMessage, error
 		restore()
 	} else {
 		in, _ := json.Marshal(req)
-		cmd := rt.user.Cmd(rt.exe, "-test.run=^TestCNIRunnerChild$", "-test.timeout=200s")
+		cmd := rt.user.Cmd(rt.exe, "-test.run=^TestEntryCNIRunnerChild$", "-test.timeout=200s")
 		cmd.Env = append(append(cmd.Env, envCNIChild+"=1"), rt.env...)
 		cmd.Stdin = bytes.NewReader(in)
 		r, w, err := os.Pipe()
@@ -205,9 +205,9 @@ func runCNI(req cniRequest) cniResponse {
 	return cniResponse{}
 }
 
-// TestCNIRunnerChild is not a test: it is the entry point of the runner
+// TestEntryCNIRunnerChild is not a test: it is the entry point of the runner
 // child that newCNIRuntime re-executes as the user. It answers on fd 3.
-func TestCNIRunnerChild(t *testing.T) {
+func TestEntryCNIRunnerChild(t *testing.T) {
 	if os.Getenv(envCNIChild) == "" {
 		t.Skip("entry point of the libcni runner child, run by the CNI tests as the test user")
 	}

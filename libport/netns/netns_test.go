@@ -153,15 +153,15 @@ func TestSetnsSource(t *testing.T) {
 func TestHelperSourceAsUser(t *testing.T) {
 	fx, u, n := newFixture(t)
 	hostFwmark := readSysctl(t, "net/ipv4/tcp_fwmark_accept")
-	cmd := userSide(t, u, "cases", fx, "-test.run=^TestUserSide$", "-test.v", "-test.timeout=120s")
+	cmd := userSide(t, u, "cases", fx, "-test.run=^TestEntryUserSide$", "-test.v", "-test.timeout=120s")
 	out, err := cmd.CombinedOutput()
 	t.Logf("user side:\n%s", out)
 	if err != nil {
 		t.Fatalf("user side failed: %v", err)
 	}
-	want := append([]string{"TestUserSide"}, helperOnlyCaseNames...)
+	want := append([]string{"TestEntryUserSide"}, helperOnlyCaseNames...)
 	for _, c := range sourceCases {
-		want = append(want, "TestUserSide/"+c.name)
+		want = append(want, "TestEntryUserSide/"+c.name)
 	}
 	for _, name := range want {
 		if !strings.Contains(string(out), "--- PASS: "+name+" ") {
@@ -172,15 +172,15 @@ func TestHelperSourceAsUser(t *testing.T) {
 }
 
 var helperOnlyCaseNames = []string{
-	"TestUserSide/OpenChoseHelper",
-	"TestUserSide/RestartAfterHelperKilled",
-	"TestUserSide/CloseLeavesNoHelper",
-	"TestUserSide/NamespaceNotOwnedIsAClearError",
+	"TestEntryUserSide/OpenChoseHelper",
+	"TestEntryUserSide/RestartAfterHelperKilled",
+	"TestEntryUserSide/CloseLeavesNoHelper",
+	"TestEntryUserSide/NamespaceNotOwnedIsAClearError",
 }
 
-// TestUserSide is the user side of TestHelperSourceAsUser; it does nothing
+// TestEntryUserSide is the user side of TestHelperSourceAsUser; it does nothing
 // unless that test started it.
-func TestUserSide(t *testing.T) {
+func TestEntryUserSide(t *testing.T) {
 	if os.Getenv(envSide) != "cases" {
 		t.Skip("runs only as the user side of TestHelperSourceAsUser")
 	}
@@ -251,7 +251,7 @@ func TestHelperDiesWithParent(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-	cmd := userSide(t, u, "hold", fx, "-test.run=^TestUserHold$", "-test.v", "-test.timeout=60s")
+	cmd := userSide(t, u, "hold", fx, "-test.run=^TestEntryUserHold$", "-test.v", "-test.timeout=60s")
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -295,9 +295,9 @@ func TestHelperDiesWithParent(t *testing.T) {
 	}
 }
 
-// TestUserHold is the user side of TestHelperDiesWithParent: a forwarder
+// TestEntryUserHold is the user side of TestHelperDiesWithParent: a forwarder
 // with a live helper that waits to be killed.
-func TestUserHold(t *testing.T) {
+func TestEntryUserHold(t *testing.T) {
 	if os.Getenv(envSide) != "hold" {
 		t.Skip("runs only as the user side of TestHelperDiesWithParent")
 	}
