@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"unsafe"
@@ -96,6 +97,13 @@ func childFail(code int, err error) {
 }
 
 func childAfterMapping() {
+	// The exec that granted our capabilities cleared the parent-death
+	// signal (the kernel does so when an exec raises capabilities): set it
+	// again, on the thread that will exec the command (the setting is per
+	// thread), so the command never outlives a killed `portkit run`. Should
+	// the parent already be gone, the read below sees EOF and we exit.
+	runtime.LockOSThread()
+	_ = unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0)
 	line, err := readLine(childSyncFD)
 	if err != nil {
 		os.Exit(1)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/portkit/portkit/internal/testenv"
+	"github.com/portkit/portkit/libport/state"
 )
 
 // TestRunPublishesTCPAndUDPThroughEachDriver runs echod (it answers with the
@@ -128,4 +129,36 @@ func runAskUDP(addr string, timeout time.Duration) (string, error) {
 			return "", err
 		}
 	}
+}
+
+// TestRunKilledLeavesNoProcess: even SIGKILL of `portkit run` (no chance to
+// clean up) takes its command, slirp4netns and the netns helper with it.
+func TestRunKilledLeavesNoProcess(t *testing.T) {
+	requireRunTools(t, "slirp4netns")
+	u := testenv.Unprivileged(t)
+	echod := testenv.Binary(t, "echod")
+	bin := testenv.Binary(t, "portkit")
+	tcpHost := runFreePort(t)
+	cmd := u.Cmd(bin, "run", "--state-dir="+runStateDir(t, u), "--net=slirp4netns", "--port-driver=builtin",
+		"-p", fmt.Sprintf("127.0.0.1:%d:8080/tcp", tcpHost), "--", echod, "-tcp", ":8080")
+	cmd.WaitDelay = 5 * time.Second
+	testenv.Start(t, cmd)
+	if _, err := runAskTCP(fmt.Sprintf("127.0.0.1:%d", tcpHost), 20*time.Second); err != nil {
+		t.Fatalf("portkit run never served: %v", err)
+	}
+	children := testenv.Descendants(mustProcess(t, cmd.Process.Pid))[1:]
+	if len(children) < 3 {
+		t.Fatalf("want the command, slirp4netns and the helper under portkit run, found %d processes", len(children))
+	}
+	_ = cmd.Process.Kill()
+	testenv.WaitGone(t, children, 5*time.Second)
+}
+
+func mustProcess(t *testing.T, pid int) state.Process {
+	t.Helper()
+	p, err := state.ProcessOf(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
