@@ -298,3 +298,13 @@ func ListenPacket(t testing.TB, path, network, addr string) net.PacketConn {
 	t.Cleanup(func() { c.Close() })
 	return c
 }
+
+// Kill ends the process holding n (the "container" exits); the namespace
+// goes away once nothing else holds it.
+func (n *Netns) Kill() error {
+	if err := n.cmd.Process.Kill(); err != nil {
+		return err
+	}
+	_, err := n.cmd.Process.Wait()
+	return err
+}

@@ -21,7 +21,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/portkit/portkit/libport"
 	"github.com/portkit/portkit/libport/api"
@@ -249,8 +252,17 @@ func run(ctx context.Context, cfg Config, ready func(), opts runOptions) (err er
 	if f.net != nil {
 		netDone = f.net.Done()
 	}
+	childGone, stopWatch := watchChild(f.cfg.ChildPID, f.opts.logf)
+	defer stopWatch()
 	select {
 	case <-ctx.Done():
+		stopServing()
+		<-served
+		return f.teardown()
+	case <-childGone:
+		// The container is gone: nothing is left to forward to. A clean exit
+		// tells a supervisor not to restart us.
+		f.opts.logf("child process %d exited: stopping", f.cfg.ChildPID)
 		stopServing()
 		<-served
 		return f.teardown()
@@ -479,4 +491,47 @@ func (f *forwarder) teardown() error {
 	}
 	f.lock = nil
 	return errors.Join(errs...)
+}
+
+// watchChild returns a channel closed when process pid exits (never, for
+// pid 0 or one that cannot be watched), and a function that stops watching.
+func watchChild(pid int, logf func(string, ...any)) (<-chan struct{}, func()) {
+	gone := make(chan struct{})
+	if pid <= 0 {
+		return gone, func() {}
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		logf("cannot watch child process %d (%v): the forwarder stops only when told to", pid, err)
+		return gone, func() {}
+	}
+	// An eventfd wakes the poll when we stop watching first.
+	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(pidfd)
+		return gone, func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer unix.Close(pidfd)
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}, {Fd: int32(stop), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err == unix.EINTR {
+				continue
+			}
+			break
+		}
+		if fds[0].Revents != 0 {
+			close(gone)
+		}
+	}()
+	var once sync.Once
+	return gone, func() {
+		once.Do(func() {
+			_, _ = unix.Write(stop, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+			<-done
+			unix.Close(stop)
+		})
+	}
 }
