@@ -268,15 +268,12 @@ func cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		return cniconf.Error(err)
 	}
-	store, err := attachment.Open()
-	if errors.Is(err, state.ErrCannotCreate) {
-		// The state directory never existed and cannot be made now: no ADD
-		// recorded anything, so there is nothing to delete (a runtime would
-		// otherwise retry this DEL for ever).
-		return nil
-	}
+	store, err := attachment.OpenForDel()
 	if err != nil {
 		return cniconf.Error(fmt.Errorf("portdriver DEL: state: %w", err))
+	}
+	if store == nil {
+		return nil // nothing was ever recorded
 	}
 	defer store.Close()
 	own, _ := keys(cfg, args)

@@ -33,7 +33,6 @@ import (
 	"github.com/portkit/portkit/libport/forwarder"
 	"github.com/portkit/portkit/libport/netns"
 	"github.com/portkit/portkit/libport/network"
-	"github.com/portkit/portkit/libport/state"
 	"github.com/portkit/portkit/plugins/internal/attachment"
 	"github.com/portkit/portkit/plugins/internal/portmapping"
 )
@@ -231,15 +230,12 @@ func cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		return cniconf.Error(err)
 	}
-	store, err := attachment.Open()
-	if errors.Is(err, state.ErrCannotCreate) {
-		// The state directory never existed and cannot be made now: no ADD
-		// recorded anything, so there is nothing to delete (a runtime would
-		// otherwise retry this DEL for ever).
-		return nil
-	}
+	store, err := attachment.OpenForDel()
 	if err != nil {
 		return cniconf.Error(fmt.Errorf("usernet DEL: state: %w", err))
+	}
+	if store == nil {
+		return nil // nothing was ever recorded
 	}
 	defer store.Close()
 	k := key(cfg, args)

@@ -64,6 +64,17 @@ func Open() (*Store, error) {
 	return OpenAt(filepath.Join(base, "cni"))
 }
 
+// OpenForDel is Open for DEL: when the state directory never existed and
+// cannot be made now, no ADD recorded anything, so it returns nil and no
+// error (a runtime would otherwise retry the DEL for ever).
+func OpenForDel() (*Store, error) {
+	s, err := Open()
+	if errors.Is(err, state.ErrCannotCreate) {
+		return nil, nil
+	}
+	return s, err
+}
+
 // OpenAt opens the record directory at path.
 func OpenAt(path string) (*Store, error) {
 	d, err := state.Create(path)
