@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 
 	"golang.org/x/sys/unix"
 
@@ -106,19 +105,21 @@ func dialTCP(src netns.SocketSource, to, from netip.AddrPort, mark int) (int, er
 // bound to the client's address from and left unconnected (it sends with
 // sendto), because replies come back through the per-port rule as datagrams
 // addressed to from.
-func udpFlowSocket(src netns.SocketSource, to, from netip.AddrPort) (*os.File, error) {
+func udpFlowSocket(src netns.SocketSource, to, from netip.AddrPort) (int, error) {
 	fd, err := src.Socket(domainOf(to.Addr()), unix.SOCK_DGRAM, 0)
 	if err != nil {
-		return nil, fmt.Errorf("socket in the child netns: %w", err)
+		return -1, fmt.Errorf("socket in the child netns: %w", err)
 	}
-	if from.IsValid() {
+	if err = unix.SetNonblock(fd, true); err != nil {
+		err = fmt.Errorf("non-blocking flow socket in the child netns: %w", err)
+	} else if from.IsValid() {
 		err = makeTransparent(fd, from, 0)
 	} else if err = unix.Connect(fd, sockaddrOf(to)); err != nil {
 		err = fmt.Errorf("connect %s in the child netns: %w", to, err)
 	}
 	if err != nil {
 		unix.Close(fd)
-		return nil, err
+		return -1, err
 	}
-	return os.NewFile(uintptr(fd), "child udp"), nil
+	return fd, nil
 }

@@ -12,7 +12,7 @@
 //   - child_dial.go   child: sockets made in the child netns, connected there
 //   - child_routing.go child: the routing rules and sysctl source IP needs
 //   - child_netlink.go child: a minimal rtnetlink client on a child socket
-//   - loop.go         both: the event loops that carry TCP (epoll, one thread each)
+//   - loop.go         both: the event loops that carry TCP and UDP (epoll, one thread each)
 //   - copy.go, pipes.go, mmsg.go: the copy engine (no namespace of its own)
 package builtin
 
@@ -117,7 +117,7 @@ type Driver struct {
 	src     netns.SocketSource
 	opts    Options
 	routing *routing
-	loops   loopSet     // the event loops of TCP, started with the first TCP port
+	loops   loopSet     // the event loops, started with the first port
 	noGSO   atomic.Bool // the kernel refused UDP GSO: send datagrams one by one
 
 	mu     sync.Mutex

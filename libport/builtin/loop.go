@@ -1,6 +1,6 @@
 package builtin
 
-// The event loops that carry TCP: a few goroutines, each locked to its own
+// The event loops that carry TCP and UDP: a few goroutines, each locked to its own
 // thread, waiting in its own epoll and moving bytes with splice(2) for the
 // connections it owns (both of their sockets, parent and child). Go's netpoller
 // with three goroutines per connection spent more of the forwarder's CPU
@@ -177,7 +177,7 @@ func (l *evLoop) runCmds() bool {
 }
 
 // loopSet is the driver's loops: one per CPU the process may use but one,
-// started with the first TCP port.
+// started with the first port.
 type loopSet struct {
 	mu      sync.Mutex
 	loops   []*evLoop

@@ -46,6 +46,8 @@ func TestMeasurePerformance(t *testing.T) {
 	// Servers: a request/reply server in the child and one on the host.
 	rrChild := startRRServer(t, n.Command(u, bin, "tcp4", "127.0.0.1:0"))
 	rrHost := startRRServer(t, u.Cmd(bin, "tcp4", "127.0.0.1:0"))
+	udpChild := startRRServer(t, n.Command(u, bin, "udp4", "127.0.0.1:0"))
+	udpHost := startRRServer(t, u.Cmd(bin, "udp4", "127.0.0.1:0"))
 	iperfChild := freePort(t, "tcp4")
 	iperfHost := freePort(t, "tcp4")
 	testenv.Start(t, n.Command(u, iperf, "-s", "-B", "127.0.0.1", "-p", strconv.Itoa(iperfChild)))
@@ -53,8 +55,10 @@ func TestMeasurePerformance(t *testing.T) {
 
 	// Two forwarders: source IP on (the default) and off, for peer clients.
 	pRR, pIperf := freePort(t, "tcp4"), freePort(t, "tcp4")
+	pUDPRR := freePort(t, "udp4")
 	line, ok, fwd := forwarderPID(t, u, bin, n.Path, "helper", "tcp",
-		fmt.Sprintf("%d:%d/tcp4", pRR, rrChild), fmt.Sprintf("%d:%d/tcp4", pIperf, iperfChild), fmt.Sprintf("%d:%d/udp4", pIperf, iperfChild))
+		fmt.Sprintf("%d:%d/tcp4", pRR, rrChild), fmt.Sprintf("%d:%d/tcp4", pIperf, iperfChild), fmt.Sprintf("%d:%d/udp4", pIperf, iperfChild),
+		fmt.Sprintf("%d:%d/udp4", pUDPRR, udpChild))
 	if !ok {
 		t.Fatalf("forwarder: %s", line)
 	}
@@ -65,17 +69,19 @@ func TestMeasurePerformance(t *testing.T) {
 		name      string
 		pid       int
 		rr, iperf int
+		udpRR     int
 	}
-	contenders := []contender{{"builtin", fwd, pRR, pIperf}}
+	contenders := []contender{{"builtin", fwd, pRR, pIperf, pUDPRR}}
 	if base := os.Getenv("PORTKIT_MEASURE_BASE"); base != "" {
 		bbin := copyForUser(t, u, base, "base.test")
-		bRR, bIperf := freePort(t, "tcp4"), freePort(t, "tcp4")
+		bRR, bIperf, bUDPRR := freePort(t, "tcp4"), freePort(t, "tcp4"), freePort(t, "udp4")
 		line, ok, bfwd := forwarderPID(t, u, bbin, n.Path, "helper", "tcp",
-			fmt.Sprintf("%d:%d/tcp4", bRR, rrChild), fmt.Sprintf("%d:%d/tcp4", bIperf, iperfChild), fmt.Sprintf("%d:%d/udp4", bIperf, iperfChild))
+			fmt.Sprintf("%d:%d/tcp4", bRR, rrChild), fmt.Sprintf("%d:%d/tcp4", bIperf, iperfChild), fmt.Sprintf("%d:%d/udp4", bIperf, iperfChild),
+			fmt.Sprintf("%d:%d/udp4", bUDPRR, udpChild))
 		if !ok {
 			t.Fatalf("base forwarder: %s", line)
 		}
-		contenders = append(contenders, contender{"base", bfwd, bRR, bIperf})
+		contenders = append(contenders, contender{"base", bfwd, bRR, bIperf, bUDPRR})
 	}
 	// The forwarder's CPU time (its helper is idle once sockets are pooled)
 	// is steadier than rates on a shared machine.
@@ -216,6 +222,15 @@ func TestMeasurePerformance(t *testing.T) {
 				add("UDP received at 2 Gbit/s offered, Gbit/s "+c.name, gbps)
 				add("forwarder CPU s per GB UDP "+c.name, (cpu(c.pid)-c0).Seconds()/(gbps*3/8))
 			}
+			// Request/reply latency: one client, one 64-byte datagram at a time.
+			d := rrRun(u.Cmd(bin, "udp:"+hostPort("127.0.0.1", udpHost), "2s", "1"))
+			add("UDP rr p50 µs direct", d.P50us)
+			add("UDP rr p99 µs direct", d.P99us)
+			for _, c := range contenders {
+				b := rrRun(u.Cmd(bin, "udp:"+hostPort("127.0.0.1", c.udpRR), "2s", "1"))
+				add("UDP rr p50 µs "+c.name, b.P50us)
+				add("UDP rr p99 µs "+c.name, b.P99us)
+			}
 		}
 		if part("conn") {
 			for _, clients := range []string{"1", "16"} {
@@ -288,7 +303,7 @@ func TestMeasurePerformance(t *testing.T) {
 		return x / d
 	}
 	for _, c := range contenders {
-		for _, what := range []string{"throughput host→child Gbit/s", "throughput child→host Gbit/s", "conn/s 1 client(s)", "conn/s 16 client(s)", "p99 µs 1 client(s)", "p99 µs 16 client(s)", "UDP received at 2 Gbit/s offered, Gbit/s"} {
+		for _, what := range []string{"throughput host→child Gbit/s", "throughput child→host Gbit/s", "conn/s 1 client(s)", "conn/s 16 client(s)", "p99 µs 1 client(s)", "p99 µs 16 client(s)", "UDP received at 2 Gbit/s offered, Gbit/s", "UDP rr p50 µs", "UDP rr p99 µs"} {
 			fmt.Fprintf(&b, "ratio %s/direct %-30s %6.2f\n", c.name, what, ratio(what, c.name))
 		}
 	}

@@ -2,19 +2,18 @@ package builtin
 
 // Parent side: UDP listeners in the host netns and the flow table. Each
 // client address is a flow with its own socket in the child netns, so the
-// service sees one peer per client; one goroutine reads the listener in
-// batches and one per flow reads replies in batches. No goroutine per
-// datagram.
+// service sees one peer per client. The listener and its flows live on one
+// event loop (loop.go), which reads them in batches: no goroutine per flow
+// or datagram, and no netpoller hand-off between a request and its reply.
 
 import (
 	"container/list"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,8 +30,8 @@ type udpPort struct {
 	d     *Driver
 	spec  libport.Spec
 	child netip.AddrPort
-	conn  *net.UDPConn
-	rc    syscall.RawConn
+	fd    int     // the listener, non-blocking, in loop's epoll set
+	loop  *evLoop // carries the listener and every flow of the port
 
 	// transparent: replies from the child port are routed back to flows
 	// bound to the client's address (UDP source IP is on and set up).
@@ -56,14 +55,23 @@ type udpFlow struct {
 	port        *udpPort
 	client      netip.AddrPort // as the listener saw it (maybe v4-mapped)
 	clientRaw   rawAddr        // the same in kernel form, for replies
-	file        *os.File
-	rc          syscall.RawConn
+	fd          int            // the child socket, non-blocking, in the port's loop
+	closed      bool           // fd is closed; only the loop touches it
 	transparent bool
 	elem        *list.Element
 	last        atomic.Int64 // unix nanoseconds of the last datagram either way
 }
 
+// udpBatchesPerEvent bounds the batches one socket gets per wake-up, so that
+// a flood on one does not starve the others on the loop (level-triggered:
+// what is left wakes the loop again).
+const udpBatchesPerEvent = 4
+
 func (d *Driver) addUDP(spec libport.Spec, child netip.AddrPort) (port, error) {
+	loops, err := d.loops.get()
+	if err != nil {
+		return nil, fmt.Errorf("event loop: %w", err)
+	}
 	network, addr := listenNetwork(spec)
 	pc, err := net.ListenPacket(network, addr)
 	if err != nil {
@@ -71,71 +79,74 @@ func (d *Driver) addUDP(spec libport.Spec, child netip.AddrPort) (port, error) {
 	}
 	conn := pc.(*net.UDPConn)
 	_ = conn.SetReadBuffer(udpReadBuffer)
+	// Go made the socket (dual-stack rules); the loop owns a copy of it
+	// outside Go's poller. A request and its reply then cost one loop
+	// wake-up each instead of a netpoller hand-off to a goroutine.
+	fd := -1
 	rc, err := conn.SyscallConn()
+	if err == nil {
+		cerr := rc.Control(func(lfd uintptr) { fd, err = unix.FcntlInt(lfd, unix.F_DUPFD_CLOEXEC, 0) })
+		if err == nil {
+			err = cerr
+		}
+	}
+	conn.Close()
+	if err == nil {
+		err = unix.SetNonblock(fd, true)
+	}
 	if err != nil {
-		conn.Close()
-		return nil, err
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		return nil, fmt.Errorf("listener of %s %s: %w", network, addr, err)
 	}
 	p := &udpPort{
-		d: d, spec: spec, child: child, conn: conn, rc: rc,
+		d: d, spec: spec, child: child, fd: fd, loop: loops[int(spec.ParentPort)%len(loops)],
 		flows: map[netip.AddrPort]*udpFlow{}, stop: make(chan struct{}),
 	}
 	p.warn.logf = d.opts.Logf
+	if !p.loop.do(func(lp *evLoop) { err = lp.add(fd, unix.EPOLLIN, p) }) {
+		err = net.ErrClosed
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("listener of %s %s in the event loop: %w", network, addr, err)
+	}
 	childFamily := domainOf(child.Addr())
 	if d.opts.SourceIP.UDP && d.routing.addUDPPort(childFamily, child.Port()) {
 		p.transparent = true
 		p.childRaw = rawOf(child, childFamily)
 	}
-	p.wg.Add(2)
-	go p.serve()
+	p.wg.Add(1)
 	go p.reap()
 	return p, nil
 }
 
-// serve reads client datagrams in batches and hands each run of datagrams
-// from one client to its flow in one sendmmsg.
-func (p *udpPort) serve() {
-	defer p.wg.Done()
-	var (
-		b    *batch
-		n    int
-		rerr error
-	)
-	defer func() {
-		if b != nil {
-			batches.Put(b)
-		}
-	}()
-	read := func(fd uintptr) bool {
-		for {
-			if b == nil {
-				b = batches.Get().(*batch)
-			}
-			n, rerr = b.recv(int(fd))
-			switch rerr {
-			case unix.EINTR:
-				continue
-			case unix.EAGAIN:
-				batches.Put(b) // wait holding no buffers
-				b = nil
-				return false
-			}
-			return true
-		}
-	}
-	for {
-		if err := p.rc.Read(read); err != nil {
-			return // the listener was closed
-		}
-		if rerr != nil {
-			p.warn.printf("recv", "builtin: port %s: receive: %v", p.spec, rerr)
+// event reads client datagrams in batches and hands each run of datagrams
+// from one client to its flow in one sendmmsg. It runs on the port's loop.
+func (p *udpPort) event(lp *evLoop, _ int32, _ uint32) {
+	b := batches.Get().(*batch)
+	defer batches.Put(b)
+	for range udpBatchesPerEvent {
+		n, err := b.recv(p.fd)
+		switch err {
+		case nil:
+		case unix.EINTR:
 			continue
+		case unix.EAGAIN:
+			return
+		default:
+			p.warn.printf("recv", "builtin: port %s: receive: %v", p.spec, err)
+			return
 		}
-		p.dispatch(b, n)
+		p.dispatch(lp, b, n)
+		if n < batchLen {
+			return // drained, most likely: save the recvmmsg that says so
+		}
 	}
 }
 
-func (p *udpPort) dispatch(b *batch, n int) {
+func (p *udpPort) dispatch(lp *evLoop, b *batch, n int) {
 	now := time.Now().UnixNano()
 	for i := 0; i < n; {
 		client := b.addr(i)
@@ -143,7 +154,7 @@ func (p *udpPort) dispatch(b *batch, n int) {
 		for j < n && b.addr(j) == client {
 			j++
 		}
-		if f := p.flow(client, b, i, now); f != nil {
+		if f := p.flow(lp, client, b, i, now); f != nil {
 			f.forward(b, i, j)
 		}
 		i = j
@@ -151,7 +162,8 @@ func (p *udpPort) dispatch(b *batch, n int) {
 }
 
 // flow finds or makes the flow of client, whose first datagram is b's i-th.
-func (p *udpPort) flow(client netip.AddrPort, b *batch, i int, now int64) *udpFlow {
+// It runs on the port's loop.
+func (p *udpPort) flow(lp *evLoop, client netip.AddrPort, b *batch, i int, now int64) *udpFlow {
 	p.mu.Lock()
 	if f, ok := p.flows[client]; ok {
 		f.last.Store(now)
@@ -172,12 +184,17 @@ func (p *udpPort) flow(client netip.AddrPort, b *batch, i int, now int64) *udpFl
 		return nil
 	}
 	f.last.Store(now)
+	if err := lp.add(f.fd, unix.EPOLLIN, f); err != nil {
+		unix.Close(f.fd)
+		p.warn.printf("flow", "builtin: port %s: new flow from %s in the event loop: %v", p.spec, client, err)
+		return nil
+	}
 
 	var evicted *udpFlow
 	p.mu.Lock()
 	if p.closing {
 		p.mu.Unlock()
-		f.file.Close()
+		f.close(lp)
 		return nil
 	}
 	if len(p.flows) >= p.d.opts.UDPMaxFlows {
@@ -188,24 +205,32 @@ func (p *udpPort) flow(client netip.AddrPort, b *batch, i int, now int64) *udpFl
 	}
 	p.flows[client] = f
 	f.elem = p.lru.PushFront(f)
-	p.wg.Add(1)
 	p.mu.Unlock()
 	if evicted != nil {
-		evicted.file.Close()
+		evicted.close(lp)
 	}
-	go f.serve()
 	return f
+}
+
+// close closes f's socket, once; it runs on the port's loop. Closing the fd
+// takes it out of the epoll set.
+func (f *udpFlow) close(lp *evLoop) {
+	if f.closed {
+		return
+	}
+	f.closed = true
+	lp.forget(f.fd)
+	unix.Close(f.fd)
 }
 
 // newFlow makes the child socket of a flow: transparent when UDP source IP
 // is on for the port and the client's address can be used in the child.
 func (p *udpPort) newFlow(client netip.AddrPort, raw rawAddr) (*udpFlow, error) {
-	f := &udpFlow{port: p, client: client, clientRaw: raw}
+	f := &udpFlow{port: p, client: client, clientRaw: raw, fd: -1}
 	from := netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
-	var file *os.File
 	var err error
 	if p.transparent && canBeTransparent(from, p.child) {
-		file, err = udpFlowSocket(p.d.src, p.child, from)
+		f.fd, err = udpFlowSocket(p.d.src, p.child, from)
 		var terr *transparentError
 		if errors.As(err, &terr) {
 			p.warn.printf("transparent", "builtin: port %s: flow from the child's own address instead: %v", p.spec, err)
@@ -213,18 +238,12 @@ func (p *udpPort) newFlow(client netip.AddrPort, raw rawAddr) (*udpFlow, error) 
 			f.transparent = err == nil
 		}
 	}
-	if file == nil {
-		file, err = udpFlowSocket(p.d.src, p.child, netip.AddrPort{})
+	if f.fd < 0 {
+		f.fd, err = udpFlowSocket(p.d.src, p.child, netip.AddrPort{})
 		if err != nil {
 			return nil, err
 		}
 	}
-	rc, err := file.SyscallConn()
-	if err != nil {
-		file.Close()
-		return nil, err
-	}
-	f.file, f.rc = file, rc
 	return f, nil
 }
 
@@ -234,7 +253,8 @@ func (p *udpPort) drop(f *udpFlow) {
 	p.lru.Remove(f.elem)
 }
 
-// forward sends b's datagrams [i, j) from f's client into the child.
+// forward sends b's datagrams [i, j) from f's client into the child. It
+// never waits: a datagram the child socket will not take now is dropped.
 func (f *udpFlow) forward(b *batch, i, j int) {
 	for k := i; k < j; k++ {
 		size, _ := b.size(k)
@@ -246,68 +266,47 @@ func (f *udpFlow) forward(b *batch, i, j int) {
 		}
 	}
 	// Truncated datagrams cannot occur with maxDatagram buffers; nothing to skip.
-	_ = f.rc.Write(func(fd uintptr) bool {
-		if size := b.gsoSize(i, j); size > 0 && !f.port.d.noGSO.Load() {
-			var name *rawAddr
-			if f.transparent {
-				name = &f.port.childRaw
-			}
-			err := b.sendGSO(int(fd), i, j, size, name)
-			if err == nil {
-				gsoSends.Add(1)
-				return true
-			}
-			if err == unix.EINVAL || err == unix.EIO || err == unix.ENOPROTOOPT || err == unix.EOPNOTSUPP {
-				f.port.d.noGSO.Store(true) // a kernel without UDP GSO
-			}
-			// Otherwise (a full buffer, a pending ICMP error) one at a time.
+	if size := b.gsoSize(i, j); size > 0 && !f.port.d.noGSO.Load() {
+		var name *rawAddr
+		if f.transparent {
+			name = &f.port.childRaw
 		}
-		b.sendAll(int(fd), i, j)
-		return true
-	})
+		err := b.sendGSO(f.fd, i, j, size, name)
+		if err == nil {
+			gsoSends.Add(1)
+			return
+		}
+		if err == unix.EINVAL || err == unix.EIO || err == unix.ENOPROTOOPT || err == unix.EOPNOTSUPP {
+			f.port.d.noGSO.Store(true) // a kernel without UDP GSO
+		}
+		// Otherwise (a full buffer, a pending ICMP error) one at a time.
+	}
+	b.sendAll(f.fd, i, j)
 }
 
-// serve reads the service's replies in batches and sends them to the client
-// from the parent listener.
-func (f *udpFlow) serve() {
+// replyWait bounds how long the loop waits for room in the listener's send
+// buffer before it drops a flow's replies.
+const replyWait = time.Millisecond
+
+// event reads the service's replies in batches and sends them to the client
+// from the parent listener. It runs on the port's loop.
+func (f *udpFlow) event(lp *evLoop, _ int32, _ uint32) {
 	p := f.port
-	defer p.wg.Done()
-	var (
-		b    *batch
-		n    int
-		rerr error
-	)
-	defer func() {
-		if b != nil {
-			batches.Put(b)
-		}
-	}()
-	read := func(fd uintptr) bool {
-		for {
-			if b == nil {
-				b = batches.Get().(*batch)
-			}
-			n, rerr = b.recv(int(fd))
-			switch rerr {
-			case unix.EINTR, unix.ECONNREFUSED:
-				// ECONNREFUSED: nothing listens on the child port (yet);
-				// the flow stays for when something does.
-				continue
-			case unix.EAGAIN:
-				batches.Put(b)
-				b = nil
-				return false
-			}
-			return true
-		}
-	}
-	for {
-		if err := f.rc.Read(read); err != nil {
-			return // the flow was closed
-		}
-		if rerr != nil {
-			p.warn.printf("reply", "builtin: port %s: reading replies for %s: %v", p.spec, f.client, rerr)
-			p.end(f)
+	b := batches.Get().(*batch)
+	defer batches.Put(b)
+	for r := 0; r < udpBatchesPerEvent && !f.closed; r++ {
+		n, err := b.recv(f.fd)
+		switch err {
+		case nil:
+		case unix.EINTR, unix.ECONNREFUSED:
+			// ECONNREFUSED: nothing listens on the child port (yet);
+			// the flow stays for when something does.
+			continue
+		case unix.EAGAIN:
+			return
+		default:
+			p.warn.printf("reply", "builtin: port %s: reading replies for %s: %v", p.spec, f.client, err)
+			p.end(lp, f)
 			return
 		}
 		f.last.Store(time.Now().UnixNano())
@@ -316,36 +315,42 @@ func (f *udpFlow) serve() {
 			b.setLen(k, size)
 			b.setName(k, &f.clientRaw)
 		}
-		sent := 0
-		err := p.rc.Write(func(fd uintptr) bool {
-			for sent < n {
-				m, err := b.send(int(fd), sent, n)
-				switch err {
-				case nil:
-					sent += m
-				case unix.EINTR:
-				case unix.EAGAIN:
-					return false // the listener's send buffer is full: wait, slowing only this flow
-				default:
-					sent++ // this client cannot be reached: drop the datagram
+		waited := false
+		for sent := 0; sent < n; {
+			m, err := b.send(p.fd, sent, n)
+			switch err {
+			case nil:
+				sent += m
+			case unix.EINTR:
+			case unix.EAGAIN:
+				// The listener's send buffer is full: wait a little for
+				// room, then drop rather than stall every flow of the loop.
+				if waited {
+					sent = n
+					break
 				}
+				waited = true
+				fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLOUT}}
+				_, _ = unix.Poll(fds, int(replyWait/time.Millisecond))
+			default:
+				sent++ // this client cannot be reached: drop the datagram
 			}
-			return true
-		})
-		if err != nil {
-			return // the listener was closed
+		}
+		if n < batchLen {
+			return
 		}
 	}
 }
 
 // end closes f and takes it out of the table, unless that already happened.
-func (p *udpPort) end(f *udpFlow) {
+// It runs on the port's loop.
+func (p *udpPort) end(lp *evLoop, f *udpFlow) {
 	p.mu.Lock()
 	if cur, ok := p.flows[f.client]; ok && cur == f {
 		p.drop(f)
 	}
 	p.mu.Unlock()
-	f.file.Close()
+	f.close(lp)
 }
 
 // reap ends flows idle for longer than the idle timeout.
@@ -370,8 +375,14 @@ func (p *udpPort) reap() {
 				}
 			}
 			p.mu.Unlock()
-			for _, f := range idle {
-				f.file.Close()
+			if len(idle) > 0 {
+				// Wait, so that a flow reaped is gone when this returns
+				// (tests count sockets).
+				p.loop.do(func(lp *evLoop) {
+					for _, f := range idle {
+						f.close(lp)
+					}
+				})
 			}
 		}
 	}
@@ -384,7 +395,7 @@ func (p *udpPort) flowCount() int {
 	return len(p.flows)
 }
 
-// close stops the listener, ends every flow and waits for their goroutines.
+// close stops the listener, ends every flow and waits for the reaper.
 func (p *udpPort) close() {
 	p.mu.Lock()
 	p.closing = true
@@ -395,11 +406,24 @@ func (p *udpPort) close() {
 	p.flows = map[netip.AddrPort]*udpFlow{}
 	p.lru.Init()
 	p.mu.Unlock()
-	p.conn.Close()
-	close(p.stop)
-	for _, f := range flows {
-		f.file.Close()
+	closeAll := func(lp *evLoop) {
+		lp.forget(p.fd)
+		unix.Close(p.fd)
+		for _, f := range flows {
+			f.close(lp)
+		}
 	}
+	if !p.loop.do(closeAll) {
+		// The loop has ended (the driver is closing): nothing else uses the fds.
+		for _, f := range flows {
+			if !f.closed {
+				f.closed = true
+				unix.Close(f.fd)
+			}
+		}
+		unix.Close(p.fd)
+	}
+	close(p.stop)
 	p.wg.Wait()
 	if p.transparent {
 		p.d.routing.removeUDPPort(domainOf(p.child.Addr()), p.child.Port())

@@ -104,6 +104,9 @@ func roleForwarder(args []string) error {
 // roleRRServer: NETWORK ADDR — answers each connection's request with a
 // reply of the same size and closes; prints the port it listens on.
 func roleRRServer(args []string) error {
+	if strings.HasPrefix(args[0], "udp") {
+		return roleUDPEchoServer(args)
+	}
 	l, err := net.Listen(args[0], args[1])
 	if err != nil {
 		return err
@@ -126,6 +129,65 @@ func roleRRServer(args []string) error {
 	}
 }
 
+// roleUDPEchoServer: udp NETWORK ADDR — echoes every datagram; prints the
+// port it listens on.
+func roleUDPEchoServer(args []string) error {
+	c, err := net.ListenPacket(args[0], args[1])
+	if err != nil {
+		return err
+	}
+	fmt.Println(c.LocalAddr().(*net.UDPAddr).Port)
+	go func() { io.Copy(io.Discard, os.Stdin); os.Exit(0) }()
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		c.WriteTo(buf[:n], from)
+	}
+}
+
+// roleUDPRRClient: udp:ADDR DURATION — one 64-byte datagram, wait for its
+// echo, again for DURATION; Errors counts requests without a reply in 200 ms.
+func roleUDPRRClient(args []string) error {
+	dur, err := time.ParseDuration(args[1])
+	if err != nil {
+		return err
+	}
+	c, err := net.Dial("udp", strings.TrimPrefix(args[0], "udp:"))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	var lat []time.Duration
+	errs := 0
+	start := time.Now()
+	deadline := start.Add(dur)
+	for time.Now().Before(deadline) {
+		t0 := time.Now()
+		_ = c.SetDeadline(t0.Add(200 * time.Millisecond))
+		if _, err := c.Write(buf); err != nil {
+			return err
+		}
+		if _, err := c.Read(buf); err != nil {
+			errs++
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	el := time.Since(start)
+	slices.Sort(lat)
+	r := rrResult{Conns: len(lat), Seconds: el.Seconds(), Errors: errs}
+	if len(lat) > 0 {
+		r.P50us = float64(lat[len(lat)/2].Microseconds())
+		r.P99us = float64(lat[len(lat)*99/100].Microseconds())
+	}
+	return json.NewEncoder(os.Stdout).Encode(r)
+}
+
 // rrResult is what roleRRClient reports.
 type rrResult struct {
 	Conns   int
@@ -138,6 +200,9 @@ type rrResult struct {
 // roleRRClient: ADDR DURATION CLIENTS — short connections (connect, 64-byte
 // request, 64-byte reply, close) for DURATION from CLIENTS goroutines.
 func roleRRClient(args []string) error {
+	if strings.HasPrefix(args[0], "udp:") {
+		return roleUDPRRClient(args)
+	}
 	dur, err := time.ParseDuration(args[1])
 	if err != nil {
 		return err
