@@ -12,6 +12,7 @@ import (
 	"net"
 	"runtime"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,6 +35,19 @@ type evLoop struct {
 
 	handlers map[int32]handler
 	done     chan struct{}
+
+	// spinUntil (unix nanoseconds; loop thread only) keeps the loop polling
+	// instead of sleeping: a UDP reply is due soon, and waking a sleeping
+	// thread costs more than the reply's whole trip through the child.
+	spinUntil int64
+}
+
+// udpSpin is how long the loop keeps polling after it forwarded a datagram.
+var udpSpin = 100 * time.Microsecond
+
+// spin keeps l polling for udpSpin from now; it runs on l.
+func (l *evLoop) spin() {
+	l.spinUntil = time.Now().UnixNano() + int64(udpSpin)
 }
 
 // wakeMarker is the epoll user data of the eventfd (not a real fd number).
@@ -133,7 +147,15 @@ func (l *evLoop) run() {
 	defer close(l.done)
 	events := make([]unix.EpollEvent, 128)
 	for {
-		n, err := unix.EpollWait(l.epfd, events, -1)
+		timeout := -1
+		if l.spinUntil != 0 {
+			if time.Now().UnixNano() < l.spinUntil {
+				timeout = 0
+			} else {
+				l.spinUntil = 0
+			}
+		}
+		n, err := unix.EpollWait(l.epfd, events, timeout)
 		if err != nil {
 			if err == unix.EINTR {
 				continue

@@ -227,7 +227,9 @@ func TestMeasurePerformance(t *testing.T) {
 			add("UDP rr p50 µs direct", d.P50us)
 			add("UDP rr p99 µs direct", d.P99us)
 			for _, c := range contenders {
+				c0 := cpu(c.pid)
 				b := rrRun(u.Cmd(bin, "udp:"+hostPort("127.0.0.1", c.udpRR), "2s", "1"))
+				add("forwarder CPU µs per UDP rr "+c.name, float64((cpu(c.pid)-c0).Microseconds())/float64(b.Conns))
 				add("UDP rr p50 µs "+c.name, b.P50us)
 				add("UDP rr p99 µs "+c.name, b.P99us)
 			}

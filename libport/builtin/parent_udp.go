@@ -57,6 +57,8 @@ type udpFlow struct {
 	clientRaw   rawAddr        // the same in kernel form, for replies
 	fd          int            // the child socket, non-blocking, in the port's loop
 	closed      bool           // fd is closed; only the loop touches it
+	awaiting    bool           // datagrams went to the child since the last reply (loop only)
+	answered    bool           // the last request was answered before the next (loop only)
 	transparent bool
 	elem        *list.Element
 	last        atomic.Int64 // unix nanoseconds of the last datagram either way
@@ -156,6 +158,16 @@ func (p *udpPort) dispatch(lp *evLoop, b *batch, n int) {
 		}
 		if f := p.flow(lp, client, b, i, now); f != nil {
 			f.forward(b, i, j)
+			// A flow whose requests get replies (not a one-way stream,
+			// where polling would only take CPU from its ends) has the
+			// loop poll for the reply instead of going to sleep.
+			if f.awaiting {
+				f.answered = false
+			}
+			f.awaiting = true
+			if f.answered {
+				lp.spin()
+			}
 		}
 		i = j
 	}
@@ -310,6 +322,9 @@ func (f *udpFlow) event(lp *evLoop, _ int32, _ uint32) {
 			return
 		}
 		f.last.Store(time.Now().UnixNano())
+		if f.awaiting {
+			f.awaiting, f.answered = false, true
+		}
 		for k := 0; k < n; k++ {
 			size, _ := b.size(k)
 			b.setLen(k, size)
