@@ -107,17 +107,21 @@ func (d *Driver) addUDP(spec libport.Spec, child netip.AddrPort) (port, error) {
 		flows: map[netip.AddrPort]*udpFlow{}, stop: make(chan struct{}),
 	}
 	p.warn.logf = d.opts.Logf
+	// Set before the loop may read it, with the first datagram.
+	childFamily := domainOf(child.Addr())
+	if d.opts.SourceIP.UDP && d.routing.addUDPPort(childFamily, child.Port()) {
+		p.transparent = true
+		p.childRaw = rawOf(child, childFamily)
+	}
 	if !p.loop.do(func(lp *evLoop) { err = lp.add(fd, unix.EPOLLIN, p) }) {
 		err = net.ErrClosed
 	}
 	if err != nil {
 		unix.Close(fd)
+		if p.transparent {
+			d.routing.removeUDPPort(childFamily, child.Port())
+		}
 		return nil, fmt.Errorf("listener of %s %s in the event loop: %w", network, addr, err)
-	}
-	childFamily := domainOf(child.Addr())
-	if d.opts.SourceIP.UDP && d.routing.addUDPPort(childFamily, child.Port()) {
-		p.transparent = true
-		p.childRaw = rawOf(child, childFamily)
 	}
 	p.wg.Add(1)
 	go p.reap()
