@@ -372,23 +372,25 @@ func (o *runOptions) run() (code int, err error) {
 		return parseChildStatus(string(status))
 	}
 
-	var fwdFailed error
+	fwdReturned := false
 	select {
 	case <-exited:
 	case err := <-fwdErr:
-		// The network process or the API server died under the command:
-		// say so, and keep the command running (as RootlessKit does).
-		fmt.Fprintf(os.Stderr, "portkit run: warning: %v\n", err)
-		fwdFailed = err
+		// The forwarder returns by itself when the command has exited (it
+		// watches the child), or when the network process or the API server
+		// died under the command: then say so, and keep the command running
+		// (as RootlessKit does).
+		fwdReturned = true
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "portkit run: warning: %v\n", err)
+		}
 		<-exited
 	}
 	<-forwardDone
-	if fwdFailed == nil {
-		if err := stopFwd(); err != nil {
-			fmt.Fprintf(os.Stderr, "portkit run: warning: stopping the forwarder: %v\n", err)
-		}
-	} else {
+	if fwdReturned {
 		stopForwarder()
+	} else if err := stopFwd(); err != nil {
+		fmt.Fprintf(os.Stderr, "portkit run: warning: stopping the forwarder: %v\n", err)
 	}
 	return commandExitCode(child.cmd.ProcessState), nil
 }
