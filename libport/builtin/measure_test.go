@@ -367,43 +367,24 @@ func copyForUser(t *testing.T, u *testenv.User, path, name string) string {
 
 // treeRSS is the resident memory in KiB of pid and its descendants (the
 // forwarder and its netns helper).
-func treeRSS(t *testing.T, pid int) int {
-	t.Helper()
-	total := 0
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
-			total += kb
-		}
-	}
-	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	for _, task := range tasks {
-		kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
-		for _, k := range strings.Fields(string(kids)) {
-			if kp, err := strconv.Atoi(k); err == nil {
-				total += treeRSS(t, kp)
-			}
-		}
-	}
-	return total
-}
+func treeRSS(t *testing.T, pid int) int { return treeKiB(t, pid, "status", "VmRSS:") }
 
 // treePSS is the proportional set size in KiB of pid and its descendants:
 // pages shared between them (the binary's text, which the helper re-executes)
 // count once, not once per process as in treeRSS.
-func treePSS(t *testing.T, pid int) int {
+func treePSS(t *testing.T, pid int) int { return treeKiB(t, pid, "smaps_rollup", "Pss:") }
+
+// treeKiB sums the "field N kB" line of /proc/PID/file over pid and its
+// descendants.
+func treeKiB(t *testing.T, pid int, file, field string) int {
 	t.Helper()
 	total := 0
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, file))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "Pss:"); ok {
+		if v, ok := strings.CutPrefix(l, field); ok {
 			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
 			total += kb
 		}
@@ -413,7 +394,7 @@ func treePSS(t *testing.T, pid int) int {
 		kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
 		for _, k := range strings.Fields(string(kids)) {
 			if kp, err := strconv.Atoi(k); err == nil {
-				total += treePSS(t, kp)
+				total += treeKiB(t, kp, file, field)
 			}
 		}
 	}
